@@ -1,0 +1,250 @@
+"""Student, critic and EMA as LoRA adapters on one frozen base.
+
+DMD2's public code keeps three full networks (teacher, fake score, generator); here they are
+one set of base weights plus small adapters, switched per call:
+
+=========  ==================================  ==============================
+role       weights                             trained by
+=========  ==================================  ==============================
+teacher    base, adapters disabled             nobody (frozen)
+student    base + ``student`` LoRA             the student loss
+critic     base + ``critic`` LoRA              the critic's denoising loss
+ema        base + ``ema`` LoRA                 an exponential moving average
+=========  ==================================  ==============================
+
+peft's ``set_adapter`` also flips ``requires_grad`` of the inactive adapters; a graph built
+under one adapter and back-propagated after a switch could silently lose gradients. So after
+every switch the trainable adapters get ``requires_grad=True`` back, and the loop always calls
+``backward(inputs=params[role])`` so that a loss only ever fills its own role's gradients.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+from .denoiser import Denoiser
+
+TEACHER = "teacher"
+DEFAULT_TARGETS = {
+    # attention and feed-forward projections of diffusers' UNets and DiT blocks
+    "unet": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+             "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj"],
+    "transformer": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                    "add_v_proj", "to_add_out", "ff.net.0.proj", "ff.net.2",
+                    "ff_context.net.0.proj", "ff_context.net.2", "proj_out"],
+}
+
+
+def default_target_modules(backbone: nn.Module) -> list[str]:
+    """Module-name suffixes that exist in this backbone among the usual LoRA targets."""
+    names = {n for n, _ in backbone.named_modules()}
+    candidates = DEFAULT_TARGETS["unet"] + DEFAULT_TARGETS["transformer"]
+    found = [c for c in dict.fromkeys(candidates)
+             if any(n == c or n.endswith("." + c) for n in names)]
+    if not found:
+        raise ValueError(
+            f"no usual LoRA target (attention/feed-forward projections) found in "
+            f"{type(backbone).__name__}; set student.target_modules in the recipe."
+        )
+    return found
+
+
+class SharedBaseRoles:
+    """LoRA adapters for each role on one frozen backbone.
+
+    Args:
+        backbone: the teacher's backbone; its own weights stay frozen and unchanged.
+        roles: names of the trainable adapters (e.g. ``["student", "critic"]``).
+        rank, alpha, target_modules: the LoRA shape, shared by all roles.
+        ema: also keep an ``ema`` adapter tracking ``ema_of``.
+    """
+
+    def __init__(self, backbone: nn.Module, roles=("student", "critic"), rank: int = 16,
+                 alpha: float | None = None, target_modules: list[str] | None = None,
+                 ema: bool = True, ema_of: str = "student"):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.backbone = backbone
+        self.trainable = list(roles)
+        self.ema_of = ema_of if ema else None
+        target_modules = target_modules or default_target_modules(backbone)
+        self.lora_config = LoraConfig(r=rank, lora_alpha=alpha or rank,
+                                      target_modules=target_modules, init_lora_weights=True)
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        names = self.trainable + (["ema"] if ema else [])
+        for name in names:
+            config = copy.deepcopy(self.lora_config)
+            if hasattr(backbone, "add_adapter"):  # diffusers models: their own peft hook
+                backbone.add_adapter(config, adapter_name=name)
+            else:
+                inject_adapter_in_model(config, backbone, adapter_name=name)
+        self._layers = [m for m in backbone.modules() if _is_lora_layer(m)]
+        self._params = {name: [p for n, p in backbone.named_parameters()
+                               if f".{name}." in n and "lora_" in n] for name in names}
+        if ema:
+            self._copy(ema_of, "ema")
+        self.active = None
+        self.activate(TEACHER)
+
+    def params(self, role: str) -> list[nn.Parameter]:
+        if role not in self._params:
+            raise KeyError(f"no role {role!r}; roles here: {', '.join(self._params)}")
+        return self._params[role]
+
+    def activate(self, role: str):
+        if role == self.active:
+            return
+        for layer in self._layers:
+            if role == TEACHER:
+                layer.enable_adapters(False)
+            else:
+                layer.enable_adapters(True)
+                layer.set_adapter(role)
+        # Undo peft's requires_grad flips (see module docstring).
+        for name in self.trainable:
+            for p in self._params[name]:
+                p.requires_grad_(True)
+        self.active = role
+
+    @contextlib.contextmanager
+    def use(self, role: str):
+        previous = self.active
+        self.activate(role)
+        try:
+            yield
+        finally:
+            self.activate(previous)
+
+    @torch.no_grad()
+    def _copy(self, src: str, dst: str):
+        for a, b in zip(self._params[src], self._params[dst]):
+            b.copy_(a)
+
+    @torch.no_grad()
+    def update_ema(self, decay: float):
+        if self.ema_of is None:
+            return
+        for e, s in zip(self._params["ema"], self._params[self.ema_of]):
+            e.lerp_(s, 1 - decay)
+
+    def state_dict(self, role: str) -> dict[str, torch.Tensor]:
+        """The role's adapter weights with the adapter name taken out of the keys."""
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.backbone, adapter_name=role)
+
+    def load_state_dict(self, role: str, state: dict[str, torch.Tensor]):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.backbone, state, adapter_name=role)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"adapter weights for {role!r} have keys this model lacks: "
+                             f"{unexpected[:5]} ... Was it trained on another base?")
+
+
+class SeparateRoles:
+    """Each role its own network (full fine-tuning, or a custom teacher's own networks)."""
+
+    def __init__(self, teacher_backbone: nn.Module, networks: dict[str, nn.Module] | None = None,
+                 roles=("student", "critic"), ema: bool = True, ema_of: str = "student"):
+        for p in teacher_backbone.parameters():
+            p.requires_grad_(False)
+        networks = dict(networks or {})
+        for role in roles:
+            # Full fine-tuning starts every role from the teacher, as DMD does.
+            networks.setdefault(role, copy.deepcopy(teacher_backbone))
+        if ema:
+            networks["ema"] = copy.deepcopy(networks[ema_of])
+        self.networks = {TEACHER: teacher_backbone, **networks}
+        self.trainable = list(roles)
+        self.ema_of = ema_of if ema else None
+        for role in self.trainable:
+            self.networks[role].requires_grad_(True)
+        if ema:
+            self.networks["ema"].requires_grad_(False)
+        self.active = TEACHER
+
+    def params(self, role):
+        return [p for p in self.networks[role].parameters() if p.requires_grad or role == "ema"]
+
+    def activate(self, role):
+        self.active = role
+
+    @contextlib.contextmanager
+    def use(self, role):
+        previous, self.active = self.active, role
+        try:
+            yield
+        finally:
+            self.active = previous
+
+    @torch.no_grad()
+    def update_ema(self, decay):
+        if self.ema_of is None:
+            return
+        for e, s in zip(self.networks["ema"].parameters(),
+                        self.networks[self.ema_of].parameters()):
+            e.lerp_(s, 1 - decay)
+
+    def state_dict(self, role):
+        return self.networks[role].state_dict()
+
+    def load_state_dict(self, role, state):
+        self.networks[role].load_state_dict(state)
+
+
+def _is_lora_layer(module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(module, BaseTunerLayer)
+
+
+class Nets:
+    """What an objective sees: ``nets.teacher / student / critic (x_t, t, cond) -> x0``.
+
+    The teacher is guided (its recipe's scale) unless told otherwise; every other role is
+    unguided, as in DMD where the critic models the student's own, unguided distribution.
+    """
+
+    def __init__(self, teacher, roles, guidance: float | None = None):
+        self.teacher_model = teacher
+        self.roles = roles
+        self.schedule = teacher.schedule
+        self.guidance = teacher.default_guidance if guidance is None else guidance
+        base = teacher.denoiser
+        if isinstance(roles, SeparateRoles):
+            self._denoisers = {r: Denoiser(m, base.schedule, base.prediction_type, base.call,
+                                           uncond=base.uncond)
+                               for r, m in roles.networks.items()}
+        else:
+            self._denoisers = None
+
+    def x0(self, role: str, x_t, t, cond, guidance: float | None = None):
+        if guidance is None:
+            guidance = self.guidance if role == TEACHER else 1.0
+        with self.roles.use(role):
+            denoiser = (self._denoisers[role] if self._denoisers is not None
+                        else self.teacher_model.denoiser)
+            return denoiser(x_t, t, cond, guidance=guidance)
+
+    def teacher(self, x_t, t, cond, guidance=None):
+        return self.x0(TEACHER, x_t, t, cond, guidance)
+
+    def student(self, x_t, t, cond, role="student"):
+        return self.x0(role, x_t, t, cond)
+
+    def critic(self, x_t, t, cond):
+        return self.x0("critic", x_t, t, cond)
+
+    def params(self, role):
+        return self.roles.params(role)
+
+    def trainable_modules(self) -> list[nn.Module]:
+        if isinstance(self.roles, SeparateRoles):
+            return [self.roles.networks[r] for r in self.roles.trainable]
+        return [self.roles.backbone]

@@ -1,0 +1,90 @@
+"""Load any supported teacher behind the one denoiser interface.
+
+``load_teacher(path)`` reads a diffusers pipeline (a local folder, or a hub id the user names)
+and picks the family adapter from the pipeline's class. Nothing is downloaded unless the user
+passes a hub id; weights are read with safetensors and never with remote code.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+from .base import PromptCache, Teacher
+from .custom import custom_teacher
+
+# pipeline class -> family module. One line per family; the family file does the rest.
+FAMILIES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusionXLPipeline": "sdxl",
+    "FluxPipeline": "flux",
+    "PixArtSigmaPipeline": "pixart",
+    "PixArtAlphaPipeline": "pixart",
+    "SanaPipeline": "sana",
+}
+
+
+def _family_module(name: str):
+    return importlib.import_module(f".{name}", __name__)
+
+
+def teacher_from_pipeline(pipe, path=None, **kwargs) -> Teacher:
+    cls = type(pipe).__name__
+    if cls not in FAMILIES:
+        raise ValueError(
+            f"pipeline class {cls} is not supported as a teacher; supported: "
+            f"{', '.join(sorted(FAMILIES))}. For anything else wrap your model as "
+            "diffusion_distill.teachers.custom_teacher(fn, shape, schedule=...)."
+        )
+    teacher = _family_module(FAMILIES[cls]).from_pipeline(pipe, path=path, **kwargs)
+    teacher.family = FAMILIES[cls] if FAMILIES[cls] != "pixart" else teacher.family
+    return teacher
+
+
+def load_pipeline(path: str, torch_dtype=None):
+    from diffusers import DiffusionPipeline
+
+    if os.path.exists(path):
+        index = os.path.join(path, "model_index.json")
+        if not os.path.isfile(index):
+            found = sorted(os.listdir(path))[:10] if os.path.isdir(path) else "a file"
+            raise FileNotFoundError(
+                f"teacher path {path!r} is not a diffusers pipeline folder: no model_index.json "
+                f"(found {found}). Expected a folder written by Pipeline.save_pretrained, one "
+                f"of {', '.join(sorted(FAMILIES))}."
+            )
+        cls = json.load(open(index)).get("_class_name")
+        if cls not in FAMILIES:
+            raise ValueError(
+                f"teacher at {path!r} is a {cls}; supported pipelines: "
+                f"{', '.join(sorted(FAMILIES))}."
+            )
+        return DiffusionPipeline.from_pretrained(path, local_files_only=True,
+                                                 use_safetensors=True, torch_dtype=torch_dtype)
+    parts = path.split("/")
+    if len(parts) != 2 or not all(parts) or path.startswith("."):
+        raise FileNotFoundError(
+            f"teacher path {path!r} does not exist. Give a folder written by "
+            "Pipeline.save_pretrained, a hub model id such as 'org/name', or 'embedded:sd' / "
+            "'embedded:sd3' for the shipped teachers."
+        )
+    # A hub id, named by the user: the only case in which anything is downloaded.
+    return DiffusionPipeline.from_pretrained(path, use_safetensors=True, torch_dtype=torch_dtype)
+
+
+def load_teacher(path_or_pipe, **kwargs) -> Teacher:
+    """A Teacher from a pipeline object, a local pipeline folder, a hub id, or ``embedded:NAME``."""
+    if not isinstance(path_or_pipe, str):
+        return teacher_from_pipeline(path_or_pipe, **kwargs)
+    path = path_or_pipe
+    if path.startswith("embedded:"):
+        from ..world import embedded_teacher_path
+
+        path = embedded_teacher_path(path.split(":", 1)[1])
+    pipe = load_pipeline(path, torch_dtype=kwargs.pop("torch_dtype", None))
+    return teacher_from_pipeline(pipe, path=path, **kwargs)
+
+
+__all__ = ["Teacher", "PromptCache", "load_teacher", "load_pipeline", "teacher_from_pipeline",
+           "custom_teacher", "FAMILIES"]
