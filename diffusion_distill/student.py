@@ -216,6 +216,7 @@ class Nets:
         self.roles = roles
         self.schedule = teacher.schedule
         self.guidance = teacher.default_guidance if guidance is None else guidance
+        self.extra: dict[str, nn.ModuleDict] = {}
         base = teacher.denoiser
         if isinstance(roles, SeparateRoles):
             self._denoisers = {r: Denoiser(m, base.schedule, base.prediction_type, base.call,
@@ -242,7 +243,25 @@ class Nets:
         return self.x0("critic", x_t, t, cond)
 
     def params(self, role):
-        return self.roles.params(role)
+        extra = self.extra[role].parameters() if role in self.extra else []
+        return self.roles.params(role) + list(extra)
+
+    def add_extra(self, role: str, name: str, module: nn.Module):
+        """Train a small extra module (e.g. DMD2's GAN head) as part of ``role``."""
+        self.extra.setdefault(role, nn.ModuleDict())[name] = module
+
+    def state_dict(self, role) -> dict:
+        state = dict(self.roles.state_dict(role))
+        if role in self.extra:
+            state.update({f"extra.{k}": v for k, v in self.extra[role].state_dict().items()})
+        return state
+
+    def load_state_dict(self, role, state):
+        own = {k: v for k, v in state.items() if not k.startswith("extra.")}
+        self.roles.load_state_dict(role, own)
+        if role in self.extra:
+            self.extra[role].load_state_dict(
+                {k[len("extra."):]: v for k, v in state.items() if k.startswith("extra.")})
 
     def trainable_modules(self) -> list[nn.Module]:
         if isinstance(self.roles, SeparateRoles):

@@ -1,0 +1,408 @@
+"""Distribution matching distillation: DMD, DMD2, Decoupled DMD, Phased DMD.
+
+Notation: the student G maps noise to ``x0``; it is re-noised to ``x_t = alpha_t x0 +
+sigma_t eps``; the teacher ("real score") and the critic ("fake score", trained on the
+student's own samples) both predict x0 there. With scores s(x_t) = (alpha_t x0_hat - x_t) /
+sigma_t^2, the gradient of KL(p_fake || p_real) with respect to x0 points along
+
+    x0_fake - x0_real                                                   (DMD, eq. 7)
+
+scaled per sample by 1 / mean|x0 - x0_real| (DMD's normaliser, which makes the step size
+independent of t and of the image scale). The generator loss is the usual surrogate
+``0.5 * ||x0 - sg(x0 - grad)||^2`` whose gradient with respect to x0 is exactly ``grad``.
+
+* DMD (Yin et al. 2024): the above, guided teacher, unguided critic, one critic step per
+  student step.
+* DMD2 (Yin et al. 2024b): two time-scale update rule (``critic_steps`` critic updates per
+  student update), an optional GAN head on the critic's bottleneck features trained against
+  real data, and backward simulation for multi-step students: the student's input at step k is
+  produced by running the student itself for k steps, as at inference.
+* Decoupled DMD (Liu et al. 2025): with a guided teacher the DMD direction splits as
+  ``(x0_fake - x0_cond) - (w - 1)(x0_cond - x0_uncond)``: distribution matching (DM) plus
+  "CFG augmentation" (CA). Each term gets its own weight and its own re-noising times; by
+  default the CA term is re-noised only above the time the student generated from, the DM
+  term anywhere.
+* Phased DMD (Fan et al. 2025): the time axis is split into phases [t_{k+1}, t_k]; a LoRA expert
+  per phase maps x_{t_k} to a sample at t_{k+1}; phases are trained one after another, and
+  the critic learns the score of the noisy intermediate distribution by score matching within
+  the subinterval (its x0 target is derived from x_{t_{k+1}}, not from an unknown x0).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..denoiser import ddim_step
+from ..parameterization import add_noise, from_x0
+from . import Objective
+
+
+def _mean_per_sample(x):
+    return x.flatten(1).mean(1)
+
+
+def _bcast(v, like):
+    return v.view(-1, *([1] * (like.ndim - 1)))
+
+
+class DMD2(Objective):
+    """DMD2 (and, with ``critic_steps=1, gan_weight=0``, the original DMD without regression).
+
+    Args:
+        critic_steps: critic updates per student update (TTUR; DMD2 uses 5).
+        t_min, t_max: range of the re-noising time for both losses (DMD2: 0.02-0.98).
+        guidance: the teacher's CFG scale in the real score (None: the recipe's teacher.guidance).
+        gan_weight: weight of the generator's GAN term (0 disables the GAN head and real data).
+        gan_critic_weight: weight of the discriminator loss in the critic's loss.
+        student_times: the student's sampling times, highest first (from the recipe).
+        backward_simulation: for multi-step students, make the student's input by running the
+            student itself (DMD2 sec. 4.5) rather than noising real data.
+    """
+
+    roles = ("student", "critic")
+
+    def __init__(self, critic_steps: int = 5, t_min: float = 0.02, t_max: float = 0.98,
+                 guidance: float | None = None, gan_weight: float = 0.0,
+                 gan_critic_weight: float = 0.01, gan_feature_module: str | None = None,
+                 student_times: list[float] | None = None, backward_simulation: bool = True,
+                 total_steps: int | None = None):
+        if critic_steps < 1:
+            raise ValueError(f"critic_steps must be >= 1, got {critic_steps}")
+        if not 0 <= t_min < t_max <= 1:
+            raise ValueError(f"need 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
+        self.critic_steps = critic_steps
+        self.t_min, self.t_max = t_min, t_max
+        self.guidance = guidance
+        self.gan_weight = gan_weight
+        self.gan_critic_weight = gan_critic_weight
+        self.gan_feature_module = gan_feature_module
+        self.student_times = list(student_times or [1.0])
+        self.backward_simulation = backward_simulation
+        self.needs_data = gan_weight > 0
+        self._features = None
+
+    # -- pieces -------------------------------------------------------------------------
+    def setup(self, nets):
+        if self.gan_weight > 0:
+            self.head = GANHead.attach(nets, self.gan_feature_module)
+            nets.add_extra("critic", "gan_head", self.head)
+
+    def student_step(self, ctx) -> bool:
+        return ctx.step % self.critic_steps == 0
+
+    def sample_t(self, ctx, n, lo=None, hi=None):
+        lo = self.t_min if lo is None else lo
+        hi = self.t_max if hi is None else hi
+        return lo + (hi - lo) * ctx.rng.rand(n)
+
+    def generate(self, nets, cond, ctx, grad: bool):
+        """The student's sample x0 and the time it was generated from.
+
+        A step index k is drawn per batch; the input at t_k comes from running the student
+        for k steps from noise, re-noising its x0 with fresh noise between steps (the
+        multi-step sampler the export uses).
+        """
+        times = self.student_times
+        shape = nets.teacher_model.latent_shape
+        n = len(cond)
+        x = ctx.rng.randn(n, *shape)
+        k = int(ctx.rng.randint(len(times), 1)[0]) if self.backward_simulation else 0
+        with torch.no_grad():
+            for i in range(k):
+                x0 = nets.student(x, times[i], cond)
+                x = ddim_step(nets.schedule, x0, x, times[i], times[i + 1],
+                              noise=ctx.rng.randn(n, *shape))
+        with torch.set_grad_enabled(grad):
+            x0 = nets.student(x, times[k], cond)
+        return x0, torch.full((n,), times[k], device=x0.device)
+
+    def noise(self, nets, x0, t, ctx):
+        alpha, sigma = nets.schedule.alpha_sigma(t)
+        return add_noise(x0, ctx.rng.randn(*x0.shape), alpha, sigma)
+
+    def dm_direction(self, nets, x0, cond, ctx, t=None):
+        """(x0_fake - x0_real) * normaliser at a random re-noising time; no graph."""
+        t = self.sample_t(ctx, x0.shape[0]) if t is None else t
+        with torch.no_grad():
+            x_t = self.noise(nets, x0.detach(), t, ctx)
+            real = nets.teacher(x_t, t, cond, guidance=self.guidance)
+            fake = nets.critic(x_t, t, cond)
+            weight = 1.0 / _mean_per_sample((x0.detach() - real).abs()).clamp_min(1e-6)
+            return torch.nan_to_num((fake - real) * _bcast(weight, x0))
+
+    def critic_denoising_loss(self, nets, x0_target, cond, ctx, t=None, x_t=None):
+        """The critic's own denoising loss, in the backbone's native parameterisation.
+
+        Weighting like the loss the teacher was trained with (eps-MSE for eps models,
+        velocity-MSE for flow) keeps the critic's fit of the score comparable to the teacher's.
+        """
+        n = x0_target.shape[0]
+        t = self.sample_t(ctx, n) if t is None else t
+        alpha, sigma = nets.schedule.alpha_sigma(t)
+        x_t = add_noise(x0_target, ctx.rng.randn(*x0_target.shape), alpha, sigma) \
+            if x_t is None else x_t
+        pred = nets.critic(x_t, t, cond)
+        kind = nets.teacher_model.denoiser.prediction_type
+        return F.mse_loss(from_x0(pred, x_t, alpha, sigma, kind),
+                          from_x0(x0_target, x_t, alpha, sigma, kind))
+
+    # -- the step -----------------------------------------------------------------------
+    def __call__(self, nets, batch, ctx):
+        cond = batch["cond"]
+        if self.student_step(ctx):
+            x0, _ = self.generate(nets, cond, ctx, grad=True)
+            grad = self.dm_direction(nets, x0, cond, ctx)
+            loss = 0.5 * F.mse_loss(x0, (x0 - grad).detach())
+            ctx.log(dm=loss)
+            if self.gan_weight > 0:
+                t = self.sample_t(ctx, x0.shape[0])
+                g_loss = F.softplus(-self.head.logits(nets, self.noise(nets, x0, t, ctx), t,
+                                                      cond)).mean()
+                ctx.log(gan_g=g_loss)
+                loss = loss + self.gan_weight * g_loss
+            yield "student", loss
+            fake = x0.detach()
+        else:
+            fake = self.generate(nets, cond, ctx, grad=False)[0]
+        loss = self.critic_denoising_loss(nets, fake, cond, ctx)
+        ctx.log(critic_denoise=loss)
+        if self.gan_weight > 0:
+            t = self.sample_t(ctx, fake.shape[0])
+            real_logits = self.head.logits(nets, self.noise(nets, batch["x0"], t, ctx), t, cond)
+            fake_logits = self.head.logits(nets, self.noise(nets, fake, t, ctx), t, cond)
+            d_loss = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+            ctx.log(gan_d=d_loss)
+            loss = loss + self.gan_critic_weight * d_loss
+        yield "critic", loss
+
+
+class DMD(DMD2):
+    """The original DMD direction without the regression loss: one critic step per student step."""
+
+    def __init__(self, t_min: float = 0.02, t_max: float = 0.98, guidance: float | None = None,
+                 student_times: list[float] | None = None, total_steps: int | None = None):
+        super().__init__(critic_steps=1, t_min=t_min, t_max=t_max, guidance=guidance,
+                         student_times=student_times, backward_simulation=False)
+
+
+class DecoupledDMD(DMD2):
+    """DMD with the CFG-augmentation (CA) and distribution-matching (DM) terms separated.
+
+    Args:
+        ca_weight, dm_weight: weights of the two terms (plain DMD is 1, 1 with ca scaled by w-1).
+        ca_above_student_t: re-noise the CA term only at times above the student's generation
+            time (the paper's decoupled schedule); the DM term uses [t_min, t_max].
+    """
+
+    def __init__(self, ca_weight: float = 1.0, dm_weight: float = 1.0,
+                 ca_above_student_t: bool = True, critic_steps: int = 5, t_min: float = 0.02,
+                 t_max: float = 0.98, guidance: float | None = None,
+                 student_times: list[float] | None = None, backward_simulation: bool = True,
+                 total_steps: int | None = None):
+        super().__init__(critic_steps=critic_steps, t_min=t_min, t_max=t_max, guidance=guidance,
+                         student_times=student_times, backward_simulation=backward_simulation)
+        self.ca_weight, self.dm_weight = ca_weight, dm_weight
+        self.ca_above_student_t = ca_above_student_t
+
+    def __call__(self, nets, batch, ctx):
+        cond = batch["cond"]
+        if not self.student_step(ctx):
+            fake = self.generate(nets, cond, ctx, grad=False)[0]
+            yield "critic", self.critic_denoising_loss(nets, fake, cond, ctx)
+            return
+        x0, t_gen = self.generate(nets, cond, ctx, grad=True)
+        n = x0.shape[0]
+        w = nets.guidance if self.guidance is None else self.guidance
+        # DM term: conditional teacher vs critic, anywhere in [t_min, t_max].
+        t_dm = self.sample_t(ctx, n)
+        # CA term: its own times; above the generation time, where guidance shapes layout.
+        lo = torch.maximum(t_gen, torch.full_like(t_gen, self.t_min)) \
+            if self.ca_above_student_t else torch.full_like(t_gen, self.t_min)
+        t_ca = lo + (self.t_max - lo).clamp_min(0) * ctx.rng.rand(n)
+        with torch.no_grad():
+            x_dm = self.noise(nets, x0.detach(), t_dm, ctx)
+            cond_dm = nets.teacher(x_dm, t_dm, cond, guidance=1.0)
+            fake_dm = nets.critic(x_dm, t_dm, cond)
+            x_ca = self.noise(nets, x0.detach(), t_ca, ctx)
+            guided = nets.teacher(x_ca, t_ca, cond, guidance=w)
+            cond_ca = nets.teacher(x_ca, t_ca, cond, guidance=1.0)
+            # guided - cond = (w - 1)(cond - uncond): the CA direction, already scaled by w - 1
+            dm = fake_dm - cond_dm
+            ca = -(guided - cond_ca)
+            norm_dm = 1.0 / _mean_per_sample((x0.detach() - cond_dm).abs()).clamp_min(1e-6)
+            norm_ca = 1.0 / _mean_per_sample((x0.detach() - guided).abs()).clamp_min(1e-6)
+            grad = torch.nan_to_num(self.dm_weight * dm * _bcast(norm_dm, x0)
+                                    + self.ca_weight * ca * _bcast(norm_ca, x0))
+        loss = 0.5 * F.mse_loss(x0, (x0 - grad).detach())
+        ctx.log(dm_norm=_mean_per_sample(dm.abs()).mean(), ca_norm=_mean_per_sample(ca.abs()).mean())
+        yield "student", loss
+        yield "critic", self.critic_denoising_loss(nets, x0.detach(), cond, ctx)
+
+
+class PhasedDMD(DMD2):
+    """Phased DMD: one LoRA expert per phase of the time axis, trained progressively.
+
+    Phase k covers [b_{k+1}, b_k] of the boundaries ``b_0 = 1 > ... > b_K = 0`` (the student's
+    sampling times plus 0). Expert k turns x_{b_k} into a sample at b_{k+1}: it predicts x0 and
+    the result is re-noised to b_{k+1} with fresh noise. Training visits the phases in order,
+    ``total_steps / K`` steps each; earlier experts only supply inputs to later ones.
+    Within phase k the generated sample is noisy (level s = b_{k+1}), so both the DMD direction
+    and the critic work at times tau in (s, t_max]: the critic fits the score of the diffused
+    intermediate distribution with target
+
+        x0* = (x_tau - sigma_tau^2 (x_tau - a x_s) / (sigma_tau^2 - a^2 sigma_s^2)) / alpha_tau,
+        a = alpha_tau / alpha_s,
+
+    i.e. denoising score matching from x_s, the subinterval form of the critic's loss.
+    """
+
+    def __init__(self, student_times: list[float] | None = None, critic_steps: int = 5,
+                 t_min: float = 0.02, t_max: float = 0.98, guidance: float | None = None,
+                 total_steps: int | None = None):
+        super().__init__(critic_steps=critic_steps, t_min=t_min, t_max=t_max, guidance=guidance,
+                         student_times=student_times, backward_simulation=False)
+        self.boundaries = self.student_times + [0.0]
+        self.num_phases = len(self.student_times)
+        self.total_steps = total_steps or 1
+        self.roles = tuple(f"student_{k}" for k in range(self.num_phases)) + ("critic",)
+
+    def phase(self, step: int) -> int:
+        return min(step * self.num_phases // self.total_steps, self.num_phases - 1)
+
+    def generate_phase(self, nets, cond, ctx, k: int, grad: bool):
+        """(x_s sample at the end of phase k with graph through expert k, x0 of expert k, s)."""
+        shape = nets.teacher_model.latent_shape
+        n = len(cond)
+        b = self.boundaries
+        x = ctx.rng.randn(n, *shape)
+        with torch.no_grad():
+            for i in range(k):
+                x0 = nets.student(x, b[i], cond, role=f"student_{i}")
+                x = ddim_step(nets.schedule, x0, x, b[i], b[i + 1], noise=ctx.rng.randn(n, *shape))
+        with torch.set_grad_enabled(grad):
+            x0 = nets.student(x, b[k], cond, role=f"student_{k}")
+            s = b[k + 1]
+            x_s = x0 if s == 0 else ddim_step(nets.schedule, x0, x, b[k], s,
+                                              noise=ctx.rng.randn(n, *shape))
+        return x_s, s
+
+    def __call__(self, nets, batch, ctx):
+        cond = batch["cond"]
+        k = self.phase(ctx.step)
+        ctx.log(phase=k)
+        n = len(cond)
+        sched = nets.schedule
+        if self.student_step(ctx):
+            x_s, s = self.generate_phase(nets, cond, ctx, k, grad=True)
+            tau = self.sample_t(ctx, n, lo=max(s, self.t_min))
+            grad = self._direction_from(nets, x_s, s, tau, cond, ctx)
+            loss = 0.5 * F.mse_loss(x_s, (x_s - grad).detach())
+            yield f"student_{k}", loss
+            x_s = x_s.detach()
+        else:
+            with torch.no_grad():
+                x_s, s = self.generate_phase(nets, cond, ctx, k, grad=False)
+        tau = self.sample_t(ctx, n, lo=max(s, self.t_min))
+        x_tau, target = self._subinterval_pair(sched, x_s, s, tau, ctx)
+        alpha, sigma = sched.alpha_sigma(tau)
+        pred = nets.critic(x_tau, tau, cond)
+        kind = nets.teacher_model.denoiser.prediction_type
+        loss = F.mse_loss(from_x0(pred, x_tau, alpha, sigma, kind),
+                          from_x0(target, x_tau, alpha, sigma, kind))
+        yield "critic", loss
+
+    def _subinterval_pair(self, sched, x_s, s, tau, ctx):
+        """x_tau diffused from x_s, and the critic's x0 target for it (see class docstring)."""
+        s_t = torch.full_like(tau, s)
+        alpha_s, sigma_s = sched.alpha_sigma(s_t)
+        alpha_t, sigma_t = sched.alpha_sigma(tau)
+        a = alpha_t / alpha_s
+        var = (sigma_t ** 2 - a ** 2 * sigma_s ** 2).clamp_min(1e-8)
+        x_tau = _bcast(a, x_s) * x_s + _bcast(var.sqrt(), x_s) * ctx.rng.randn(*x_s.shape)
+        target = (x_tau - _bcast(sigma_t ** 2 / var, x_s) * (x_tau - _bcast(a, x_s) * x_s)) \
+            / _bcast(alpha_t, x_s)
+        return x_tau, target
+
+    def _direction_from(self, nets, x_s, s, tau, cond, ctx):
+        with torch.no_grad():
+            x_tau, _ = self._subinterval_pair(nets.schedule, x_s.detach(), s, tau, ctx)
+            real = nets.teacher(x_tau, tau, cond, guidance=self.guidance)
+            fake = nets.critic(x_tau, tau, cond)
+            alpha_t, _ = nets.schedule.alpha_sigma(tau)
+            alpha_s, _ = nets.schedule.alpha_sigma(torch.full_like(tau, s))
+            # Scores differ by alpha_tau (x0_fake - x0_real) / sigma^2; carried back to x_s
+            # through d x_tau / d x_s = alpha_tau / alpha_s, normalised per sample as in DMD.
+            diff = (fake - real) * _bcast(alpha_s, x_s)
+            weight = 1.0 / _mean_per_sample((x_s.detach() - _bcast(alpha_s, x_s) * real).abs()
+                                            ).clamp_min(1e-6)
+            return torch.nan_to_num(diff * _bcast(weight, x_s))
+
+
+class GANHead(nn.Module):
+    """DMD2's discriminator: a small head on the critic's bottleneck features.
+
+    Features come from a forward hook on one module of the backbone (UNet ``mid_block``, or
+    the middle transformer block), so the critic adapter doubles as the discriminator's trunk.
+    """
+
+    def __init__(self, channels: int, spatial: bool):
+        super().__init__()
+        self.spatial = spatial
+        if spatial:
+            self.net = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU(),
+                                     nn.Conv2d(channels, 1, 1))
+        else:
+            self.net = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(),
+                                     nn.Linear(channels, 1))
+        self._captured = None
+        self._capture = False
+
+    @classmethod
+    def attach(cls, nets, module_name: str | None):
+        backbone = nets.teacher_model.backbone
+        module = _feature_module(backbone, module_name)
+        holder = {}
+
+        def hook(_, __, output):
+            if holder.get("head") is not None and holder["head"]._capture:
+                holder["head"]._captured = output[0] if isinstance(output, tuple) else output
+            elif "probe" in holder:
+                holder["probe"] = output[0] if isinstance(output, tuple) else output
+
+        module.register_forward_hook(hook)
+        # One probe pass to learn the feature shape.
+        holder["probe"] = None
+        shape = nets.teacher_model.latent_shape
+        device = next(backbone.parameters()).device
+        with torch.no_grad():
+            nets.critic(torch.zeros(1, *shape, device=device), 0.5, nets.teacher_model.prompts([""]))
+        feat = holder.pop("probe")
+        spatial = feat.ndim == 4
+        head = cls(feat.shape[1] if spatial else feat.shape[-1], spatial).to(device)
+        holder["head"] = head
+        return head
+
+    def logits(self, nets, x_t, t, cond):
+        self._capture = True
+        try:
+            nets.critic(x_t, t, cond)
+        finally:
+            self._capture = False
+        feat, self._captured = self._captured, None
+        out = self.net(feat)
+        return out.flatten(1).mean(1)
+
+
+def _feature_module(backbone, name):
+    if name:
+        return backbone.get_submodule(name)
+    if hasattr(backbone, "mid_block") and backbone.mid_block is not None:
+        return backbone.mid_block
+    for attr in ("transformer_blocks", "blocks", "single_transformer_blocks"):
+        blocks = getattr(backbone, attr, None)
+        if blocks is not None and len(blocks):
+            return blocks[len(blocks) // 2]
+    raise ValueError(f"cannot find bottleneck features in {type(backbone).__name__}; set "
+                     "method.gan_feature_module to a module name (see model.named_modules()).")
+
