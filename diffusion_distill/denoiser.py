@@ -62,6 +62,10 @@ class Denoiser(nn.Module):
         schedule: maps ``t`` in [0, 1] to alpha, sigma and the backbone's own time value.
         prediction_type: what the backbone outputs (see ``parameterization.PREDICTION_TYPES``).
         call: ``call(backbone, x_t, model_time, cond) -> raw output``; the family adapter.
+            A call function with ``call.embedded_guidance = True`` belongs to a
+            guidance-distilled model (Flux-dev): there ``guidance`` is not CFG but an input,
+            passed to the call as ``cond.tensors["guidance"]`` in one pass. The flag sits on
+            the function so that every Denoiser built from it (student, critic) inherits it.
         uncond: the single-sample condition for the empty (or negative) prompt, for CFG.
         guidance_scale: default CFG scale; 1.0 (or None) means a single conditional pass.
     """
@@ -82,6 +86,7 @@ class Denoiser(nn.Module):
         self.call = call
         self.uncond = uncond
         self.guidance_scale = guidance_scale
+        self.embedded_guidance = bool(getattr(call, "embedded_guidance", False))
 
     def raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The backbone's own output at continuous time ``t``."""
@@ -99,6 +104,13 @@ class Denoiser(nn.Module):
         t = _as_batch_time(t, x_t)
         alpha, sigma = self.schedule.alpha_sigma(t)
         w = self.guidance_scale if guidance is None else guidance
+        if self.embedded_guidance:
+            if w is not None:
+                # a scalar or one value per sample
+                g = torch.as_tensor(w, dtype=torch.float32, device=x_t.device)
+                g = g.expand(x_t.shape[0]) if g.ndim == 0 else g
+                cond = Cond({**cond.tensors, "guidance": g})
+            return to_x0(self.raw(x_t, t, cond), x_t, alpha, sigma, self.prediction_type)
         if w is None or w == 1.0:
             return to_x0(self.raw(x_t, t, cond), x_t, alpha, sigma, self.prediction_type)
         negative = negative if negative is not None else self.uncond

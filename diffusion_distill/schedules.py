@@ -103,7 +103,11 @@ SCHEDULES = {"vp": VPSchedule, "flow": FlowSchedule}
 def schedule_from_scheduler(scheduler) -> Schedule:
     """The schedule a diffusers scheduler samples, read from its config."""
     name = type(scheduler).__name__
-    if "FlowMatch" in name:
+    cfg = scheduler.config
+    # DPM-Solver and UniPC sample flow models too (Sana): they also carry an alphas_cumprod
+    # table, so their flow flags must be checked before falling back to VP.
+    if ("FlowMatch" in name or cfg.get("use_flow_sigmas", False)
+            or cfg.get("prediction_type") == "flow_prediction"):
         return FlowSchedule.from_scheduler(scheduler)
     if hasattr(scheduler, "alphas_cumprod"):
         return VPSchedule.from_scheduler(scheduler)

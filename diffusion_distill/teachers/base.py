@@ -7,12 +7,32 @@ latents. Family files (``sd.py``, ``sd3.py``, ...) each build one from a diffuse
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..denoiser import Cond, Denoiser, ddim_step
+from ..schedules import shift_time
+
+
+def flow_time_shift(scheduler, seq_len: int | None = None) -> float:
+    """The shift a flow-matching scheduler samples with, as one SD3-style ``shift`` value.
+
+    SD3 uses a fixed ``shift``; Flux (``use_dynamic_shifting``) uses
+    ``exp(mu) / (exp(mu) + 1/t - 1)`` with ``mu`` linear in the image token count, which is
+    the same map as ``shift_time(t, exp(mu))``.
+    """
+    cfg = scheduler.config
+    if not cfg.get("use_dynamic_shifting", False):
+        return float(cfg.get("shift", cfg.get("flow_shift", 1.0)) or 1.0)
+    if seq_len is None:
+        raise ValueError("a dynamically shifted flow scheduler needs the image token count")
+    base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+    base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+    mu = base_shift + (max_shift - base_shift) * (seq_len - base_len) / (max_len - base_len)
+    return math.exp(mu)
 
 
 class PromptCache:
@@ -70,6 +90,9 @@ class Teacher:
         self.default_steps = default_steps
         self.default_guidance = default_guidance
         self.path = path
+        # Flow teachers sample on shifted times (SD3's ``shift``, Flux's resolution-dependent
+        # ``exp(mu)``); the family file sets it so that ``sample`` visits the pipeline's times.
+        self.time_shift: float | None = None
         self.prompts = PromptCache(encode_prompts or (lambda ps: Cond({})))
         for p in denoiser.backbone.parameters():
             p.requires_grad_(False)
@@ -98,7 +121,10 @@ class Teacher:
         if self.vae is None:
             return images
         cfg = self.vae.config
-        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
+        encoded = self.vae.encode(images.to(self.vae.dtype))
+        # AutoencoderKL returns a distribution (take its mode); Sana's AutoencoderDC a tensor.
+        latents = (encoded.latent_dist.mode() if hasattr(encoded, "latent_dist")
+                   else encoded.latent)
         return (latents - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
 
     @torch.no_grad()
@@ -111,6 +137,13 @@ class Teacher:
         return self.vae.decode(latents.to(self.vae.dtype)).sample.float().clamp(-1, 1)
 
     # -- sampling -----------------------------------------------------------------------
+    def sample_times(self, steps: int) -> list[float]:
+        """The teacher's own ``steps`` sampling times, from pure noise down (0 excluded)."""
+        times = [1 - i / steps for i in range(steps)]
+        if self.time_shift and self.time_shift != 1.0:
+            times = [float(shift_time(t, self.time_shift)) for t in times]
+        return times
+
     @torch.no_grad()
     def sample(self, prompts: list[str], steps: int | None = None, guidance: float | None = None,
                noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
@@ -122,7 +155,7 @@ class Teacher:
         if noise is None:
             noise = torch.randn((len(prompts),) + self.latent_shape, generator=generator)
         x = noise.to(next(self.backbone.parameters()).device)
-        times = times or [1 - i / steps for i in range(steps)]
+        times = times or self.sample_times(steps)
         for i, t in enumerate(times):
             x0 = self.denoiser(x, t, cond, guidance=guidance)
             s = times[i + 1] if i + 1 < len(times) else 0.0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..denoiser import Cond, Denoiser
 from ..schedules import FlowSchedule
-from .base import Teacher
+from .base import Teacher, flow_time_shift
 
 
 def call_sd3(transformer, x_t, model_time, cond: Cond):
@@ -29,5 +29,7 @@ def from_pipeline(pipe, prediction_type=None, guidance_scale=7.0, default_steps=
                         prediction_type or "flow", call_sd3, guidance_scale=guidance_scale)
     teacher = Teacher("sd3", denoiser, shape, encode, pipe=pipe, vae=pipe.vae,
                       default_steps=default_steps, default_guidance=guidance_scale, path=path)
+    # sample on the pipeline's shifted times (SD3's scheduler shift, 3.0 for SD3-medium)
+    teacher.time_shift = flow_time_shift(pipe.scheduler, (shape[1] // 2) * (shape[2] // 2))
     denoiser.uncond = teacher.prompts([""])
     return teacher
