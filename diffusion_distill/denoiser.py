@@ -27,15 +27,18 @@ class Cond:
     """
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    batch: int | None = None  # the batch size of an unconditional (empty) Cond
 
     def __len__(self) -> int:
-        return next(iter(self.tensors.values())).shape[0] if self.tensors else 0
+        return next(iter(self.tensors.values())).shape[0] if self.tensors else (self.batch or 0)
 
     def __getitem__(self, index) -> "Cond":
+        if not self.tensors:
+            return Cond({}, batch=len(range(len(self))[index]) if isinstance(index, slice) else 1)
         return Cond({k: v[index] for k, v in self.tensors.items()})
 
     def to(self, *args, **kwargs) -> "Cond":
-        return Cond({k: v.to(*args, **kwargs) for k, v in self.tensors.items()})
+        return Cond({k: v.to(*args, **kwargs) for k, v in self.tensors.items()}, self.batch)
 
     def expand(self, batch: int) -> "Cond":
         """A batch of ``batch`` copies of a single-sample Cond (used for the empty prompt)."""
@@ -43,11 +46,15 @@ class Cond:
             return self
         if len(self) != 1:
             raise ValueError(f"can only expand a Cond of batch 1, got batch {len(self)}")
+        if not self.tensors:
+            return Cond({}, batch=batch)
         return Cond({k: v.expand(batch, *v.shape[1:]) for k, v in self.tensors.items()})
 
     @staticmethod
     def cat(conds: list["Cond"]) -> "Cond":
         keys = conds[0].tensors.keys()
+        if not keys:
+            return Cond({}, batch=sum(len(c) for c in conds))
         return Cond({k: torch.cat([c.tensors[k] for c in conds]) for k in keys})
 
 

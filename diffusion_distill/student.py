@@ -25,7 +25,7 @@ import copy
 import torch
 from torch import nn
 
-from .denoiser import Denoiser
+from .denoiser import Denoiser, ddim_step
 
 TEACHER = "teacher"
 DEFAULT_TARGETS = {
@@ -267,3 +267,29 @@ class Nets:
         if isinstance(self.roles, SeparateRoles):
             return [self.roles.networks[r] for r in self.roles.trainable]
         return [self.roles.backbone]
+
+
+@torch.no_grad()
+def generate(nets: Nets, prompts: list[str], times: list[float], generator=None,
+             role: str = "ema", experts: int = 0) -> torch.Tensor:
+    """The few-step student's samples (latents), drawn exactly as the exported pipeline does.
+
+    Noise comes from diffusers' ``randn_tensor`` with the same generator(s) and in the same
+    order as the pipeline (initial latents, then one draw per re-noising), so the same seeds
+    give the same samples here and through ``load_student``.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    teacher = nets.teacher_model
+    device = teacher.device
+    shape = (len(prompts),) + tuple(teacher.latent_shape)
+    cond = teacher.prompts(prompts)
+    x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    for i, t in enumerate(times):
+        r = f"student_{i}" if experts else role
+        x0 = nets.x0(r, x, t, cond)
+        if i + 1 == len(times):
+            return x0
+        noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        x = ddim_step(nets.schedule, x0, x, t, times[i + 1], noise=noise)
+    return x

@@ -91,10 +91,13 @@ def build_teacher(recipe, device="cpu"):
     return teacher.to(device)
 
 
-def build_nets(recipe, teacher, objective: Objective) -> Nets:
+def build_nets(recipe, teacher, objective: Objective, networks=None) -> Nets:
     s = recipe["student"]
     ema = recipe["train"]["ema_decay"] is not None and "student" in objective.roles
-    if s["mode"] == "lora":
+    if networks is not None:  # a custom teacher's own student / critic networks
+        roles = SeparateRoles(teacher.backbone, networks=networks, roles=objective.roles,
+                              ema=ema)
+    elif s["mode"] == "lora":
         roles = SharedBaseRoles(teacher.backbone, roles=objective.roles, rank=s["rank"],
                                 alpha=s["alpha"], target_modules=s["target_modules"], ema=ema)
     elif s["mode"] == "full":
@@ -105,10 +108,52 @@ def build_nets(recipe, teacher, objective: Objective) -> Nets:
 
 
 def student_times(recipe, teacher) -> list[float]:
+    """The student's sampling times, highest first.
+
+    On VP schedules they are snapped to the scheduler's integer steps (999, 749, ...), so the
+    exported LCMScheduler visits exactly the times the student was trained at.
+    """
     s = recipe["student"]
-    if s["timesteps"]:
-        return [float(t) for t in s["timesteps"]]
-    return student_timesteps(s["num_steps"], teacher.schedule)
+    times = [float(t) for t in s["timesteps"]] if s["timesteps"] else \
+        student_timesteps(s["num_steps"], teacher.schedule)
+    if teacher.schedule.kind == "vp":
+        n = teacher.schedule.num_train_timesteps - 1
+        times = [round(t * n) / n for t in times]
+    return times
+
+
+def setup_run(recipe: dict, device="cpu", teacher=None, networks=None):
+    """(teacher, objective, nets) for a resolved recipe: what training and export share.
+
+    ``teacher`` (e.g. a custom teacher) and ``networks`` ({role: module}) replace what the
+    recipe's teacher section would build.
+    """
+    teacher = build_teacher(recipe, device) if teacher is None else teacher.to(device)
+    objective = build_objective(recipe["method"], student_times=student_times(recipe, teacher),
+                                total_steps=recipe["train"]["steps"])
+    nets = build_nets(recipe, teacher, objective, networks)
+    objective.setup(nets)  # e.g. DMD2's GAN head, trained with the critic
+    return teacher, objective, nets
+
+
+def restore_run(run_dir: str, device="cpu"):
+    """(nets, teacher, recipe) of a run folder, with its latest checkpoint loaded."""
+    from .checkpoint import latest_checkpoint, load_checkpoint
+
+    path = os.path.join(run_dir, "recipe.yaml")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir!r} is not a run folder: no recipe.yaml. Give the "
+                                "folder `ddistill train` printed (runs/<name> by default).")
+    recipe = load_recipe(path)
+    torch.manual_seed(recipe["train"]["seed"])
+    teacher, _, nets = setup_run(recipe, device)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"run {run_dir!r} has no checkpoint yet")
+    weights, _, _ = load_checkpoint(ckpt)
+    for role, state in weights.items():
+        nets.load_state_dict(role, state)
+    return nets, teacher, recipe
 
 
 class Batches:
@@ -167,8 +212,13 @@ class Batches:
 
 # -- the loop ---------------------------------------------------------------------------
 
-def train(recipe: dict | str, overrides=(), progress: bool = True) -> str:
-    """Run (or resume) a recipe; returns the run folder."""
+def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
+          networks=None, return_nets: bool = False):
+    """Run (or resume) a recipe; returns the run folder (and the nets, if asked).
+
+    From Python, ``teacher`` may be any Teacher (e.g. ``custom_teacher(fn, shape)``) and
+    ``networks`` the user's own {role: module} for it.
+    """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -190,12 +240,7 @@ def train(recipe: dict | str, overrides=(), progress: bool = True) -> str:
             yaml.safe_dump(recipe, f, sort_keys=False)
 
     torch.manual_seed(cfg["seed"])  # adapters' random init is the same on every process
-    teacher = build_teacher(recipe, device)
-    times = student_times(recipe, teacher)
-    objective = build_objective(recipe["method"], student_times=times,
-                                total_steps=cfg["steps"])
-    nets = build_nets(recipe, teacher, objective)
-    objective.setup(nets)  # e.g. DMD2's GAN head, trained with the critic
+    teacher, objective, nets = setup_run(recipe, device, teacher, networks)
     batches = Batches(recipe, teacher, objective.needs_data)
 
     per_step = world * cfg["grad_accum"]
@@ -252,7 +297,7 @@ def train(recipe: dict | str, overrides=(), progress: bool = True) -> str:
                             "check the data.")
                     loss = loss / cfg["grad_accum"]
                     accelerator.backward(loss, inputs=nets.params(role))
-                    logs[f"loss/{role}"] = logs.get(f"loss/{role}", 0.0) + float(loss)
+                    logs[f"loss/{role}"] = logs.get(f"loss/{role}", 0.0) + float(loss.detach())
                     if role not in touched:
                         touched.append(role)
             for k, v in ctx.logs.items():
@@ -282,12 +327,12 @@ def train(recipe: dict | str, overrides=(), progress: bool = True) -> str:
             checkpoint(done)
     if writer:
         writer.close()
-    if end == cfg["steps"] and main and recipe["output"]["export"]:
+    if end == cfg["steps"] and main and recipe["output"]["export"] and teacher.pipe is not None:
         from .export import export_nets
 
         export_nets(nets, teacher, recipe, os.path.join(run_dir, "export"))
     accelerator.wait_for_everyone()
-    return run_dir
+    return (run_dir, nets) if return_nets else run_dir
 
 
 def _all_reduce_mean(params):

@@ -374,7 +374,7 @@ class GANHead(nn.Module):
         # One probe pass to learn the feature shape.
         holder["probe"] = None
         shape = nets.teacher_model.latent_shape
-        device = next(backbone.parameters()).device
+        device = nets.teacher_model.device
         with torch.no_grad():
             nets.critic(torch.zeros(1, *shape, device=device), 0.5, nets.teacher_model.prompts([""]))
         feat = holder.pop("probe")

@@ -51,7 +51,7 @@ class PromptCache:
             for i, p in enumerate(missing):
                 # clone() so a cached entry does not keep the whole encoded batch alive
                 self._cache[p] = Cond({k: v[i : i + 1].detach().clone()
-                                       for k, v in encoded.tensors.items()})
+                                       for k, v in encoded.tensors.items()}, batch=1)
         return Cond.cat([self._cache[p] for p in prompts]).to(self.device)
 
     def __len__(self):
@@ -93,13 +93,20 @@ class Teacher:
         # Flow teachers sample on shifted times (SD3's ``shift``, Flux's resolution-dependent
         # ``exp(mu)``); the family file sets it so that ``sample`` visits the pipeline's times.
         self.time_shift: float | None = None
-        self.prompts = PromptCache(encode_prompts or (lambda ps: Cond({})))
+        # A teacher without text conditioning still needs batch sizes: empty Conds carry them.
+        self.prompts = PromptCache(encode_prompts or (lambda ps: Cond({}, batch=len(ps))))
         for p in denoiser.backbone.parameters():
             p.requires_grad_(False)
 
     @property
     def backbone(self) -> nn.Module:
         return self.denoiser.backbone
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in list(self.backbone.parameters()) + list(self.backbone.buffers()):
+            return tensor.device
+        return torch.device("cpu")
 
     @property
     def schedule(self):
@@ -154,7 +161,7 @@ class Teacher:
         cond = self.prompts(prompts)
         if noise is None:
             noise = torch.randn((len(prompts),) + self.latent_shape, generator=generator)
-        x = noise.to(next(self.backbone.parameters()).device)
+        x = noise.to(self.device)
         times = times or self.sample_times(steps)
         for i, t in enumerate(times):
             x0 = self.denoiser(x, t, cond, guidance=guidance)
