@@ -54,14 +54,21 @@ def load_pipeline(path: str, torch_dtype=None):
                 f"(found {found}). Expected a folder written by Pipeline.save_pretrained, one "
                 f"of {', '.join(sorted(FAMILIES))}."
             )
-        cls = json.load(open(index)).get("_class_name")
+        with open(index) as f:
+            components = json.load(f)
+        cls = components.get("_class_name")
         if cls not in FAMILIES:
             raise ValueError(
                 f"teacher at {path!r} is a {cls}; supported pipelines: "
                 f"{', '.join(sorted(FAMILIES))}."
             )
+        # A component saved as None (SD3 without its T5, [null, null] in the index) must be
+        # passed as None again, or from_pretrained refuses the folder it wrote itself.
+        absent = {k: None for k, v in components.items()
+                  if not k.startswith("_") and isinstance(v, list) and v == [None, None]}
         return DiffusionPipeline.from_pretrained(path, local_files_only=True,
-                                                 use_safetensors=True, torch_dtype=torch_dtype)
+                                                 use_safetensors=True, torch_dtype=torch_dtype,
+                                                 **absent)
     parts = path.split("/")
     if len(parts) != 2 or not all(parts) or path.startswith("."):
         raise FileNotFoundError(
