@@ -141,22 +141,28 @@ def tiny_flux(guidance_embeds=True, seed=0):
                         tokenizer=tok, text_encoder_2=text2, tokenizer_2=tok2)
 
 
-def tiny_pixart(sample_size=8, seed=0):
-    from diffusers import DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+def tiny_pixart(sample_size=8, seed=0, alpha=False):
+    """PixArt-Sigma, or with ``alpha=True`` PixArt-Alpha with its 1024-px micro-conditions
+    (resolution and aspect ratio), which the real model only uses at sample_size 128."""
+    from diffusers import (DDIMScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline,
+                           PixArtTransformer2DModel)
 
     tok, text = tiny_t5(seed=seed)
     torch.manual_seed(seed)
     # out_channels = 2 x in_channels: PixArt predicts eps and a learned variance.
+    # the micro-condition embedding splits the width in 3: 2 x 12 for Alpha
+    head_dim = 12 if alpha else 8
     transformer = PixArtTransformer2DModel(
-        sample_size=sample_size, num_layers=2, patch_size=1, attention_head_dim=8,
-        num_attention_heads=2, in_channels=4, out_channels=8, cross_attention_dim=16,
+        sample_size=sample_size, num_layers=2, patch_size=1, attention_head_dim=head_dim,
+        num_attention_heads=2, in_channels=4, out_channels=8, cross_attention_dim=2 * head_dim,
         caption_channels=text.config.d_model, norm_type="ada_norm_single",
-        use_additional_conditions=False, norm_num_groups=8)
+        use_additional_conditions=alpha, norm_num_groups=8)
     scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
                               prediction_type="epsilon", clip_sample=False,
                               set_alpha_to_one=True, timestep_spacing="trailing")
-    return PixArtSigmaPipeline(tokenizer=tok, text_encoder=text, vae=tiny_vae(seed=seed),
-                               transformer=transformer, scheduler=scheduler)
+    cls = PixArtAlphaPipeline if alpha else PixArtSigmaPipeline
+    return cls(tokenizer=tok, text_encoder=text, vae=tiny_vae(seed=seed),
+               transformer=transformer, scheduler=scheduler)
 
 
 def tiny_gemma2(hidden=32, layers=2, vocab_words=WORDS, seed=0):

@@ -21,9 +21,16 @@ from diffusion_distill.denoiser import Cond, ddim_step
 from diffusion_distill.teachers import FAMILIES, load_teacher, teacher_from_pipeline
 from diffusion_distill.teachers.flux import pack, unpack
 
-# One thread: on a shared 2-core machine multi-threaded kernels on these tiny tensors spend
-# their time waiting for each other (a tiny UNet call: 0.02 s on 1 thread, seconds on 2).
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # On a shared 2-core machine, multi-threaded kernels on these tiny tensors spend their
+    # time waiting for each other (a tiny UNet call: 0.02 s on 1 thread, ~4 s on 2 under load).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 # name -> (builder, from_pipeline kwargs)
 CASES = {
@@ -36,9 +43,10 @@ CASES = {
     "flux-schnell": (lambda: tiny.tiny_flux(guidance_embeds=False),
                      {"height": 16, "width": 16, "max_sequence_length": 16}),
     "pixart": (tiny.tiny_pixart, {}),
+    "pixart-alpha": (lambda: tiny.tiny_pixart(alpha=True), {}),
     "sana": (tiny.tiny_sana, {"height": 32, "width": 32}),
 }
-VP = {"sd-epsilon", "sd-v", "sd-sample", "sdxl", "pixart"}
+VP = {"sd-epsilon", "sd-v", "sd-sample", "sdxl", "pixart", "pixart-alpha"}
 PROMPTS = ["a red circle", "two blue squares"]
 _built = {}
 
@@ -116,7 +124,7 @@ def _hand_guided_x0(name, pipe, teacher, x, t, w):
     alpha, sigma = (v.view(-1, 1, 1, 1) for v in teacher.schedule.alpha_sigma(t.expand(b)))
     two = torch.cat([x, x])
     if name in VP:
-        k = torch.full((2 * b,), int(round(float(t) * 999)), dtype=torch.long)
+        k = torch.full((2 * b,), round(float(t) * 999), dtype=torch.long)
     if name.startswith("sd-"):
         pe, npe = pipe.encode_prompt(PROMPTS, dev, 1, True)
         out = pipe.unet(two, k, encoder_hidden_states=torch.cat([npe, pe])).sample
@@ -128,13 +136,18 @@ def _hand_guided_x0(name, pipe, teacher, x, t, w):
         added = {"text_embeds": torch.cat([npooled, pooled]), "time_ids": ids.repeat(2 * b, 1)}
         out = pipe.unet(two, k, encoder_hidden_states=torch.cat([npe, pe]),
                         added_cond_kwargs=added).sample
-    elif name == "pixart":
+    elif name.startswith("pixart"):
+        alpha_pipe = name == "pixart-alpha"
         pe, pm, npe, npm = pipe.encode_prompt(PROMPTS, True, negative_prompt="", device=dev,
-                                              clean_caption=False, max_sequence_length=300)
+                                              clean_caption=False,
+                                              max_sequence_length=120 if alpha_pipe else 300)
+        added = {"resolution": None, "aspect_ratio": None}
+        if alpha_pipe:  # PixArtAlphaPipeline's micro-conditions at 16x16 px
+            added = {"resolution": torch.tensor([[16.0, 16.0]]).repeat(2 * b, 1),
+                     "aspect_ratio": torch.tensor([[1.0]]).repeat(2 * b, 1)}
         out = pipe.transformer(two, encoder_hidden_states=torch.cat([npe, pe]),
                                encoder_attention_mask=torch.cat([npm, pm]), timestep=k,
-                               added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-                               return_dict=False)[0]
+                               added_cond_kwargs=added, return_dict=False)[0]
         out = out.chunk(2, dim=1)[0]  # learned sigma: keep the eps half
     elif name == "sd3":
         pe, npe, pooled, npooled = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, device=dev,
@@ -253,7 +266,8 @@ def test_sample_runs_and_prompts_are_encoded_once(name):
 def test_families_table_names_every_family():
     assert {"sd", "sdxl", "sd3", "flux", "pixart", "sana"} <= set(FAMILIES.values())
     for name in CASES:
-        assert build(name)[1].family == name.split("-")[0]
+        family = "pixart_alpha" if name == "pixart-alpha" else name.split("-")[0]
+        assert build(name)[1].family == family
 
 
 # -- loading from folders ---------------------------------------------------------------------

@@ -2,9 +2,14 @@
 import pytest
 import torch
 
-from diffusion_distill.parameterization import (PREDICTION_TYPES, add_noise,
-                                                check_prediction_type, eps_from_x0, from_x0,
-                                                to_x0)
+from diffusion_distill.parameterization import (
+    PREDICTION_TYPES,
+    add_noise,
+    check_prediction_type,
+    eps_from_x0,
+    from_x0,
+    to_x0,
+)
 from diffusion_distill.schedules import FlowSchedule, VPSchedule
 
 
@@ -24,7 +29,7 @@ def _sample(schedule, b=5):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_vp_round_trip(prediction_type):
-    x0, eps, x_t, alpha, sigma = _sample(_vp())
+    x0, _, x_t, alpha, sigma = _sample(_vp())
     out = from_x0(x0, x_t, alpha, sigma, prediction_type)
     torch.testing.assert_close(to_x0(out, x_t, alpha, sigma, prediction_type), x0)
     # and the other way: any output maps to an x0 that maps back to it

@@ -1,11 +1,21 @@
 """Schedules against diffusers' schedulers, on the one continuous time axis."""
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler)
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
 
-from diffusion_distill.schedules import (FlowSchedule, VPSchedule, schedule_from_scheduler,
-                                         shift_time, student_timesteps)
+from diffusion_distill.schedules import (
+    FlowSchedule,
+    VPSchedule,
+    schedule_from_scheduler,
+    shift_time,
+    student_timesteps,
+)
 
 
 @pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
@@ -88,7 +98,8 @@ def test_errors():
         VPSchedule(torch.ones(1))
 
     class NotAScheduler:
-        config = {}
+        def __init__(self):
+            self.config = {}
 
     with pytest.raises(ValueError) as err:
         schedule_from_scheduler(NotAScheduler())

@@ -47,7 +47,7 @@ def image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
 
 
 def call_flux(transformer, x_t, model_time, cond: Cond):
-    b, _, h, w = x_t.shape
+    h, w = x_t.shape[2:]
     embeds = cond.tensors["prompt_embeds"]
     guidance = cond.tensors.get("guidance")
     if guidance is not None and not transformer.config.guidance_embeds:
