@@ -1,0 +1,40 @@
+"""`ddistill eval` end to end on a tiny random pipeline, and its errors for bad input."""
+import json
+import os
+
+
+def test_eval_cli_end_to_end_on_a_tiny_pipeline(tmp_path, capsys):
+    from diffusion_distill.cli import main
+    from diffusion_distill.tiny import tiny_sd
+
+    tiny_sd().save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "results.json"
+    code = main(["eval", str(tmp_path / "pipe"), "--num", "8", "--steps", "2",
+                 "--feature-size", "32", "--batch-size", "8", "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache"), "--grid", str(tmp_path / "g.png"),
+                 "--no-progress"])
+    assert code == 0
+    r = json.loads(out.read_text())
+    for key in ("fd", "kid", "precision", "recall", "alignment", "nfe", "seconds_per_image",
+                "feature_space", "num_samples", "complete", "failures", "steps", "guidance"):
+        assert key in r, key
+    assert r["complete"] and r["num_samples"] == 8
+    assert r["nfe"] == 4  # 2 steps x 2 (CFG at the pipeline's default guidance 7.5)
+    assert r["feature_space"] == "efficientnet-lite0-imagenet@32px"
+    assert set(r["kid"]) == {"mean", "std"} and r["fd"] >= 0
+    assert os.path.isfile(tmp_path / "g.png")
+    assert "not Inception" in capsys.readouterr().out
+
+
+def test_eval_cli_bad_paths_give_clear_errors(tmp_path, capsys):
+    from diffusion_distill.cli import main
+
+    assert main(["eval", str(tmp_path / "nowhere"), "--num", "8"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hi")
+    assert main(["eval", str(tmp_path / "junk"), "--num", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "neither a diffusers pipeline" in err and "notes.txt" in err
+    assert main(["eval", str(tmp_path / "junk"), "--num", "2"]) == 2
+    assert "too few samples" in capsys.readouterr().err
