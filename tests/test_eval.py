@@ -3,8 +3,12 @@ import pytest
 import torch
 
 from diffusion_distill.eval.evaluate import cached_features, evaluate
-from diffusion_distill.eval.features import (FeatureExtractor, get_feature_extractor,
-                                             load_efficientnet_lite0, weights_path)
+from diffusion_distill.eval.features import (
+    FeatureExtractor,
+    get_feature_extractor,
+    load_efficientnet_lite0,
+    weights_path,
+)
 from diffusion_distill.world.data import render_prompts
 
 SIZE = 64  # small enough to be fast, large enough for the 32x-downsampling network

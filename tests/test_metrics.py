@@ -2,8 +2,12 @@
 import pytest
 import torch
 
-from diffusion_distill.eval.metrics import (all_metrics, frechet_distance,
-                                            kernel_inception_distance, precision_recall)
+from diffusion_distill.eval.metrics import (
+    all_metrics,
+    frechet_distance,
+    kernel_inception_distance,
+    precision_recall,
+)
 
 DIM = 32
 

@@ -157,7 +157,8 @@ def world_alignment():
         return None, f"world attribute classifier unavailable ({e})"
     try:
         model = wc.load_classifier()
-    except Exception as e:  # e.g. its weights are not trained/shipped yet
+    # E.g. its weights are not trained or shipped yet.
+    except Exception as e:  # noqa: BLE001
         return None, f"world attribute classifier could not be loaded ({type(e).__name__}: {e})"
     params = inspect.signature(wc.score_alignment).parameters
 

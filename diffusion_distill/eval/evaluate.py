@@ -17,7 +17,7 @@ import json
 import os
 import time
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -56,7 +56,8 @@ def cached_features(key: dict, make_images: Callable[[], torch.Tensor], extracto
     if os.path.isfile(path):
         try:
             return load_file(path)["features"]
-        except Exception:  # a truncated file from an interrupted run: recompute it
+        # A truncated file from an interrupted run: recompute it.
+        except Exception:  # noqa: BLE001, S110
             pass
     feats = extractor.extract(make_images())
     os.makedirs(folder, exist_ok=True)
@@ -152,7 +153,7 @@ def evaluate(
     if reference_features is None:
         reference_features = extractor.extract(reference_images)
 
-    feats, kept, images_u8, ok_index, failures = [], [], [], [], []
+    feats, images_u8, ok_index, failures = [], [], [], []
     sample_seconds = feature_seconds = 0.0
     counter = NFECounter(backbone) if backbone is not None else None
     batches = range(0, len(prompts), batch_size)
@@ -170,7 +171,8 @@ def evaluate(
                 t0 = time.perf_counter()
                 feats.append(extractor.extract(images))
                 feature_seconds += time.perf_counter() - t0
-            except Exception as e:  # one bad batch must not sink the whole evaluation
+            # One bad batch must not sink the whole evaluation.
+            except Exception as e:  # noqa: BLE001
                 failures.append({"batch": start // batch_size, "prompts": bp, "seeds": bs,
                                  "error": f"{type(e).__name__}: {e}",
                                  "traceback": traceback.format_exc(limit=4)})
@@ -192,7 +194,7 @@ def evaluate(
         "note": NOT_INCEPTION.format(space=space),
         "num_samples": n_ok,
         "num_requested": len(prompts),
-        "num_reference": int(len(reference_features)),
+        "num_reference": len(reference_features),
         "complete": not failures,
         "failures": failures,
         "nfe": (counter.evaluations / n_ok if counter and n_ok else nfe),
@@ -215,7 +217,8 @@ def evaluate(
     if alignment_fn is not None and labels is not None and images is not None:
         try:
             result["alignment"] = _plain(alignment_fn(images, [labels[i] for i in ok_index]))
-        except Exception as e:  # alignment is one metric among several: report, don't crash
+        # Alignment is one metric of several: report it.
+        except Exception as e:  # noqa: BLE001
             result["alignment_error"] = f"{type(e).__name__}: {e}"
             result["complete"] = False
     result["total_seconds"] = time.perf_counter() - t_start
