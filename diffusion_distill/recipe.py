@@ -87,10 +87,11 @@ def _merge(base: dict, override: dict, path: str = "") -> dict:
                                   f"{type(value).__name__} {value!r}")
             out[key] = _merge(default, value, where + ".")
         elif key == "method" and not path:
-            if not isinstance(value, dict) or "name" not in value:
+            if not isinstance(value, dict):
                 raise RecipeError("recipe key 'method' must be a mapping with a 'name' "
                                   f"(e.g. method: {{name: dmd2}}), got {value!r}")
-            out[key] = dict(value)
+            # options without a name refine the method already chosen
+            out[key] = dict(value) if "name" in value else {**out[key], **value}
         else:
             out[key] = _check_type(where, default, value)
     return out

@@ -1,0 +1,124 @@
+"""The loop: recipes, resume after a kill, non-finite losses, multi-process equivalence."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_recipe
+from safetensors.torch import load_file
+
+from diffusion_distill.checkpoint import latest_checkpoint, list_checkpoints
+from diffusion_distill.objectives import Objective, build_objective
+from diffusion_distill.recipe import RecipeError, load_recipe
+from diffusion_distill.train import NonFiniteLossError, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+
+
+def test_recipe_errors_name_the_key():
+    with pytest.raises(RecipeError, match=r"'train.stpes'.*known keys"):
+        load_recipe({"train": {"stpes": 3}})
+    with pytest.raises(RecipeError, match=r"'train.steps' expects int.*got str"):
+        load_recipe({"train": {"steps": "many"}})
+    with pytest.raises(RecipeError, match="not key=value"):
+        load_recipe({}, ["train.steps"])
+    r = load_recipe({}, ["train.steps=7", "method.critic_steps=3"])
+    assert r["train"]["steps"] == 7 and r["method"]["critic_steps"] == 3
+    with pytest.raises(ValueError, match="has no option"):
+        build_objective({"name": "dmd2", "critic_stepz": 3})
+    with pytest.raises(ValueError, match="unknown method"):
+        build_objective({"name": "dmd9"})
+
+
+def _recipe_files():
+    out = []
+    for root, _, files in os.walk(os.path.join(ROOT, "recipes")):
+        out += [os.path.join(root, f) for f in files if f.endswith(".yaml")]
+    return sorted(out)
+
+
+@pytest.mark.parametrize("path", _recipe_files(), ids=os.path.basename)
+def test_every_recipe_instantiates(path):
+    from diffusion_distill.train import setup_run
+
+    recipe = load_recipe(path)
+    teacher, objective, nets = setup_run(recipe)
+    assert all(len(nets.params(r)) > 0 for r in objective.roles)
+
+
+def _weights(run_dir):
+    return load_file(os.path.join(latest_checkpoint(run_dir), "weights.safetensors"))
+
+
+def test_resume_after_kill_equals_uninterrupted(tiny_sd_path, tmp_path):
+    steps = dict(steps=6, checkpoint_every=2)
+    full = tiny_recipe(tiny_sd_path, tmp_path / "full", **steps)
+    train(full, progress=False)
+
+    # The same run, killed (SIGKILL) once a mid-run checkpoint exists, then resumed.
+    cut = tiny_recipe(tiny_sd_path, tmp_path / "cut", **steps)
+    path = tmp_path / "cut.yaml"
+    path.write_text(yaml.safe_dump(cut))
+    proc = subprocess.Popen([PY, "-m", "diffusion_distill.cli", "train", str(path),
+                             "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(s >= 2 for s, _ in list_checkpoints(cut["output"]["dir"])):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [s for s, _ in list_checkpoints(cut["output"]["dir"])]
+    assert done and max(done) < 6, f"the kill came too late to test anything: {done}"
+    train(cut, progress=False)
+    a, b = _weights(full["output"]["dir"]), _weights(cut["output"]["dir"])
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+class Exploding(Objective):
+    """A denoising loss that turns infinite at step 3."""
+
+    roles = ("student",)
+
+    def __init__(self, student_times=None, total_steps=None):
+        pass
+
+    def __call__(self, nets, batch, ctx):
+        x = ctx.rng.randn(len(batch["cond"]), *nets.teacher_model.latent_shape)
+        loss = nets.student(x, 0.5, batch["cond"]).square().mean()
+        ctx.log(denoise=loss)
+        yield "student", loss * (float("inf") if ctx.step == 3 else 1.0)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_sd_path, tmp_path):
+    recipe = tiny_recipe(tiny_sd_path, tmp_path / "run", method={"name": "test_train:Exploding"},
+                         steps=6, checkpoint_every=2)
+    with pytest.raises(NonFiniteLossError, match=r"step 3: the student loss is inf.*denoise"):
+        train(recipe, progress=False)
+    assert [s for s, _ in list_checkpoints(recipe["output"]["dir"])] == [2]
+    load_file(os.path.join(latest_checkpoint(recipe["output"]["dir"]), "weights.safetensors"))
+
+
+def test_two_processes_match_one(tiny_sd_path, tmp_path):
+    """accelerate launch --num_processes 2 --cpu gives the 1-process result (same global batch)."""
+    runs = {}
+    for n in (1, 2):
+        recipe = tiny_recipe(tiny_sd_path, tmp_path / f"p{n}", steps=2, checkpoint_every=2,
+                             batch_size=4)
+        path = tmp_path / f"p{n}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        cmd = [PY, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--cpu",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "diffusion_distill.cli", "train", str(path), "--no-progress"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[n] = _weights(recipe["output"]["dir"])
+    for k in runs[1]:
+        torch.testing.assert_close(runs[1][k], runs[2][k], rtol=1e-4, atol=1e-5)
