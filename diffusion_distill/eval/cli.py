@@ -181,41 +181,67 @@ def world_alignment():
 
 
 # -- the command ---------------------------------------------------------------------------
+class Protocol:
+    """What every model in a comparison shares: prompts, seeds, reference, features, alignment."""
+
+    def __init__(self, num=1000, prompts_kind="single", seed=0, feature_size=DEFAULT_SIZE,
+                 cache_dir=None):
+        if num < 4:
+            raise ValueError(f"--num {num} is too few samples; the metrics need at least 4 "
+                             "(1000 is the default and what reported numbers use)")
+        if prompts_kind not in PROMPT_KINDS:
+            raise ValueError(f"prompts kind must be one of {PROMPT_KINDS}, got {prompts_kind!r}")
+        self.num, self.prompts_kind, self.seed = num, prompts_kind, seed
+        self.prompts, self.labels = world_prompts(prompts_kind, num)
+        self.seeds = [seed + i for i in range(num)]
+        self.extractor = get_feature_extractor(feature_size)
+        self.reference = world_reference_features(self.labels, prompts_kind, self.extractor,
+                                                  cache_dir)
+        self.alignment_fn, self.alignment_note = world_alignment()
+
+    def describe(self) -> dict:
+        return {"prompts": self.prompts_kind, "seeds": {"first": self.seed, "count": self.num},
+                "reference_seed": REFERENCE_SEED, "feature_space": self.extractor.name}
+
+
+def evaluate_loaded(loaded, protocol: Protocol, steps=None, guidance=None, batch_size=32,
+                    progress=True, name=None) -> tuple[dict, torch.Tensor | None]:
+    """Evaluate a model from :func:`load_model` under ``protocol``; (result, first samples)."""
+    call, pipe, model_kind, defaults = loaded
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    steps_used = steps if steps is not None else defaults["steps"]
+    if model_kind == "teacher" and steps is None:
+        steps = steps_used  # a teacher always gets an explicit, recorded step count
+    result = evaluate(make_sample_fn(call, steps, guidance), protocol.prompts, protocol.seeds,
+                      reference_features=protocol.reference, labels=protocol.labels,
+                      alignment_fn=protocol.alignment_fn, batch_size=batch_size,
+                      extractor=protocol.extractor, backbone=backbone_of(pipe),
+                      progress=progress)
+    images = result.pop("images")
+    params = inspect.signature(pipe.__call__).parameters
+    guidance_used = guidance if guidance is not None else (
+        defaults["guidance"] if defaults["guidance"] is not None
+        else params["guidance_scale"].default if "guidance_scale" in params else None)
+    head = {"model": name, "model_kind": model_kind, "pipeline": type(pipe).__name__,
+            "steps": steps_used, "guidance": guidance_used, **protocol.describe()}
+    if protocol.alignment_note:
+        result["alignment_note"] = protocol.alignment_note
+    return {**head, **result}, images
+
+
 def run_eval(path: str, *, steps=None, guidance=None, num=1000, prompts_kind="single", seed=0,
              batch_size=32, feature_size=DEFAULT_SIZE, teacher=None, cache_dir=None,
              progress=True) -> tuple[dict, torch.Tensor | None]:
     """Evaluate one model; returns (JSON-ready result, the first samples for a grid)."""
-    if num < 4:
-        raise ValueError(f"--num {num} is too few samples; the metrics need at least 4 "
-                         "(1000 is the default and what reported numbers use)")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
-    if prompts_kind not in PROMPT_KINDS:
-        raise ValueError(f"prompts kind must be one of {PROMPT_KINDS}, got {prompts_kind!r}")
-    call, pipe, model_kind, defaults = load_model(path, teacher)
-    steps_used = steps if steps is not None else defaults["steps"]
-    if model_kind == "teacher" and steps is None:
-        steps = steps_used  # a teacher always gets an explicit, recorded step count
-    prompts, labels = world_prompts(prompts_kind, num)
-    seeds = [seed + i for i in range(num)]
-    extractor = get_feature_extractor(feature_size)
-    reference = world_reference_features(labels, prompts_kind, extractor, cache_dir)
-    alignment_fn, why_not = world_alignment()
-    result = evaluate(make_sample_fn(call, steps, guidance), prompts, seeds,
-                      reference_features=reference, labels=labels, alignment_fn=alignment_fn,
-                      batch_size=batch_size, extractor=extractor, backbone=backbone_of(pipe),
-                      progress=progress)
-    images = result.pop("images")
-    guidance_used = guidance if guidance is not None else (
-        defaults["guidance"] if defaults["guidance"] is not None
-        else inspect.signature(pipe.__call__).parameters.get("guidance_scale").default
-        if "guidance_scale" in inspect.signature(pipe.__call__).parameters else None)
-    head = {"model": path, "model_kind": model_kind, "pipeline": type(pipe).__name__,
-            "steps": steps_used, "guidance": guidance_used, "prompts": prompts_kind,
-            "seeds": {"first": seed, "count": num}, "reference_seed": REFERENCE_SEED}
-    if why_not:
-        result["alignment_note"] = why_not
-    return {**head, **result}, images
+    if num < 4:  # checked before loading anything (Protocol checks it again for other callers)
+        raise ValueError(f"--num {num} is too few samples; the metrics need at least 4 "
+                         "(1000 is the default and what reported numbers use)")
+    loaded = load_model(path, teacher)  # first: a bad path fails before any rendering
+    protocol = Protocol(num, prompts_kind, seed, feature_size, cache_dir)
+    return evaluate_loaded(loaded, protocol, steps, guidance, batch_size, progress, name=path)
 
 
 def _write_json(path: str, obj: dict):

@@ -1,0 +1,312 @@
+"""``ddistill bench SPEC``: the teacher and every student, same prompts, seeds and metrics.
+
+A spec (YAML, see ``benchmarks/specs/``) names a teacher, the step counts to run it at, and
+the student exports to compare with it. Each (model, steps, guidance) is a *cell*; every cell
+is scored by :func:`diffusion_distill.eval.evaluate.evaluate` under one shared protocol (the
+world's evaluation prompts, seeds ``seed .. seed+num-1``, the same cached reference features,
+the same feature space). Each finished cell is written to ``OUT/cells/<cell>.json`` at once,
+so an interrupted benchmark resumes where it stopped: a cell whose file is complete and was
+made under the same protocol is not run again. At the end ``OUT/results.json`` gathers every
+cell and ``OUT/results.md`` tables them; ``OUT/grids/`` holds sample grids.
+
+Reported distances are in the EfficientNet-Lite0 feature space named in every row: they are
+NOT Inception FIDs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import sys
+import time
+
+import torch
+
+SPEC_KEYS = {
+    "name": "benchmark name (default: the spec file's name)",
+    "teacher": "pipeline folder or embedded:sd / embedded:sd3",
+    "teacher_steps": "list of step counts to run the teacher at, e.g. [50, 4, 2, 1]",
+    "teacher_guidance": "teacher CFG scale (default: the pipeline's own)",
+    "exports": "list of student exports: a path, or {name, path, steps, guidance}",
+    "prompts": "world evaluation prompt set: single, pair or count",
+    "seed": "first seed; sample i uses seed + i (default 0)",
+    "num_samples": "samples per cell (default 1000)",
+    "feature_size": "feature network input size in px (default 128)",
+    "batch_size": "prompts per pipeline call (default 50)",
+    "metrics": "table columns, from fd, kid, precision, recall, alignment (default all)",
+    "out": "output folder (default benchmarks/results/<name>)",
+}
+METRICS = ("fd", "kid", "precision", "recall", "alignment")
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench", help="benchmark a teacher and its students on one protocol",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("spec", help="a benchmark spec YAML (see benchmarks/specs/)")
+    p.add_argument("--out", default=None, help="output folder (overrides the spec's out)")
+    p.add_argument("--cache-dir", default=None, help="where reference features are cached")
+    p.add_argument("--rerun", action="store_true", help="run every cell again, ignoring "
+                                                        "finished cell files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cli)
+
+
+# -- the spec ------------------------------------------------------------------------------
+def load_spec(path: str) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"benchmark spec {path!r} does not exist; expected a YAML file "
+                                "such as benchmarks/specs/embedded_sd.yaml")
+    with open(path) as f:
+        spec = yaml.safe_load(f) or {}
+    if not isinstance(spec, dict):  # noqa: TRY004  (a ValueError reaches the user plainly)
+        raise ValueError(f"benchmark spec {path!r} must be a YAML mapping, got "
+                         f"{type(spec).__name__}")
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        allowed = "\n".join(f"  {k}: {v}" for k, v in SPEC_KEYS.items())
+        raise ValueError(f"unknown key(s) {unknown} in {path}; a spec may hold:\n{allowed}")
+    if not spec.get("teacher") and not spec.get("exports"):
+        raise ValueError(f"{path} names neither a teacher nor exports; give at least one")
+    spec.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    spec.setdefault("teacher_steps", [50])
+    spec.setdefault("exports", [])
+    spec.setdefault("prompts", "single")
+    spec.setdefault("seed", 0)
+    spec.setdefault("num_samples", 1000)
+    spec.setdefault("feature_size", 128)
+    spec.setdefault("batch_size", 50)
+    spec.setdefault("metrics", list(METRICS))
+    bad = [m for m in spec["metrics"] if m not in METRICS]
+    if bad:
+        raise ValueError(f"unknown metric(s) {bad} in {path}; available: {list(METRICS)}")
+    if isinstance(spec["teacher_steps"], int):
+        spec["teacher_steps"] = [spec["teacher_steps"]]
+    # Relative model paths are relative to where the command runs, like every CLI path.
+    return spec
+
+
+def cells_of(spec: dict) -> list[dict]:
+    """Every (model, steps, guidance) to evaluate, teacher first, in spec order."""
+    cells = []
+    if spec.get("teacher"):
+        for steps in spec["teacher_steps"]:
+            cells.append({"model": "teacher", "path": spec["teacher"], "steps": int(steps),
+                          "guidance": spec.get("teacher_guidance")})
+    for i, e in enumerate(spec["exports"]):
+        e = {"path": e} if isinstance(e, str) else dict(e)
+        if "path" not in e:
+            raise ValueError(f"export #{i} in the spec has no path: {e}")
+        name = e.get("name") or os.path.basename(os.path.normpath(e["path"]))
+        steps = e.get("steps")
+        for s in (steps if isinstance(steps, list) else [steps]):
+            cells.append({"model": name, "path": e["path"], "steps": s,
+                          "guidance": e.get("guidance"), "teacher": spec.get("teacher")})
+    for c in cells:
+        g = "default" if c["guidance"] is None else f"{c['guidance']:g}"
+        s = "own" if c["steps"] is None else c["steps"]
+        c["id"] = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{c['model']}-steps{s}-cfg{g}")
+    ids = [c["id"] for c in cells]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ValueError(f"cells {dupes} appear twice; give each export a distinct name")
+    return cells
+
+
+# -- running -------------------------------------------------------------------------------
+def _finished(path: str, protocol: dict) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            r = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    # Only a complete cell made under the very same protocol may be reused.
+    same = all(r.get(k) == v for k, v in protocol.items())
+    return r if r.get("complete") and same else None
+
+
+def run_bench(spec: dict, out: str, cache_dir=None, rerun=False, progress=True,
+              log=print) -> dict:
+    from .eval.cli import Protocol, evaluate_loaded, load_model
+    from .eval.cli import _write_json as write_json
+    from .world.data import save_grid
+
+    cells = cells_of(spec)
+    os.makedirs(os.path.join(out, "cells"), exist_ok=True)
+    os.makedirs(os.path.join(out, "grids"), exist_ok=True)
+    protocol = Protocol(spec["num_samples"], spec["prompts"], spec["seed"],
+                        spec["feature_size"], cache_dir)
+    described = protocol.describe()
+    results, loaded = {}, {}
+    for c in cells:
+        cell_file = os.path.join(out, "cells", f"{c['id']}.json")
+        done = None if rerun else _finished(cell_file, described)
+        if done:
+            log(f"[bench] {c['id']}: finished earlier, kept ({cell_file})")
+            results[c["id"]] = done
+            continue
+        log(f"[bench] {c['id']}: evaluating {spec['num_samples']} samples ...")
+        t0 = time.perf_counter()
+        try:
+            key = (c["path"], c.get("teacher"))
+            if key not in loaded:
+                # one model loaded at a time: a big teacher and a student never share RAM
+                loaded.clear()
+                loaded[key] = load_model(c["path"], c.get("teacher") if c["model"] != "teacher"
+                                         else None)
+            result, images = evaluate_loaded(loaded[key], protocol, c["steps"], c["guidance"],
+                                             spec["batch_size"], progress, name=c["model"])
+        except Exception as e:  # noqa: BLE001
+            # A broken export must not stop the other cells; the cell records why it failed.
+            result, images = {"model": c["model"], "complete": False, **described,
+                              "error": f"{type(e).__name__}: {e}"}, None
+            log(f"[bench] {c['id']}: FAILED: {result['error']}")
+        result.update({"cell": c["id"], "path": c["path"],
+                       "cell_seconds": time.perf_counter() - t0})
+        if images is not None:
+            grid = os.path.join(out, "grids", f"{c['id']}.png")
+            save_grid(images, grid)
+            result["grid"] = os.path.relpath(grid, out)
+        write_json(cell_file, result)
+        results[c["id"]] = result
+    rows = [results[c["id"]] for c in cells]
+    summary = {"spec": spec, "protocol": described, "complete": all(r.get("complete")
+                                                                    for r in rows),
+               "machine": machine(), "cells": rows}
+    write_json(os.path.join(out, "results.json"), summary)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(markdown_table(summary, spec["metrics"]))
+    overview(rows, out)
+    plots(rows, out, log)
+    return summary
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or None,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+
+
+def markdown_table(summary: dict, metrics=METRICS) -> str:
+    proto = summary["protocol"]
+    cols = ["model", "steps", "guidance", "NFE"]
+    for m in metrics:
+        cols += {"fd": ["FD"], "kid": ["KID x1e3"], "precision": ["precision"],
+                 "recall": ["recall"], "alignment": ["alignment"]}[m]
+    cols += ["s/image", "samples"]
+    lines = [f"# {summary['spec']['name']}", "",
+             (f"Feature space: **{proto['feature_space']}** (EfficientNet-Lite0 ImageNet "
+             "features; these are NOT Inception FID/KID values). Prompts: world "
+             f"`{proto['prompts']}` evaluation set; seeds {proto['seeds']['first']}.."
+             f"{proto['seeds']['first'] + proto['seeds']['count'] - 1}; reference: real renders "
+             f"of the same prompts (seed {proto['reference_seed']})."), "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+    def num(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+    for r in summary["cells"]:
+        kid = r.get("kid") or {}
+        row = [r.get("model", "?"), str(r.get("steps", "-")), num(r.get("guidance"), "g"),
+               num(r.get("nfe"), "g")]
+        for m in metrics:
+            if m == "fd":
+                row.append(num(r.get("fd"), ".2f"))
+            elif m == "kid":
+                row.append(f"{num(1e3 * kid['mean'], '.2f')} ± {num(1e3 * kid['std'], '.2f')}"
+                           if kid else "-")
+            elif m == "alignment":
+                row.append(num((r.get("alignment") or {}).get("whole_prompt"), ".3f"))
+            else:
+                row.append(num(r.get(m), ".3f"))
+        samples = f"{r.get('num_samples', 0)}/{r.get('num_requested', proto['seeds']['count'])}"
+        if not r.get("complete"):
+            samples += " (incomplete" + (f": {r['error']}" if r.get("error") else "") + ")"
+        row += [num(r.get("seconds_per_image"), ".4f"), samples]
+        lines.append("| " + " | ".join(row) + " |")
+    m = summary["machine"]
+    lines += ["", (f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} "
+              f"({m['torch_threads']} threads), CUDA {'yes' if m['cuda'] else 'no'}. "
+              "s/image is sampling wall time only.")]
+    return "\n".join(lines) + "\n"
+
+
+def overview(rows: list[dict], out: str, per_row: int = 8, scale: int = 3):
+    """One PNG: a row of samples per cell, labelled (PIL only; matplotlib is not needed)."""
+    from PIL import Image, ImageDraw
+
+    strips = []
+    for r in rows:
+        if not r.get("grid"):
+            continue
+        grid = Image.open(os.path.join(out, r["grid"])).convert("RGB")
+        # The first row of the saved grid is the first 8 samples (save_grid uses 8 per row).
+        tile_h = grid.height // max(1, round(grid.height / (grid.width / per_row)))
+        strips.append(((f"{r['model']}  steps={r.get('steps')}  NFE={r.get('nfe')}  "
+                       f"FD={r.get('fd') if r.get('fd') is None else round(r['fd'], 2)}"),
+                       grid.crop((0, 0, grid.width, tile_h))))
+    if not strips:
+        return None
+    width = max(s.width for _, s in strips)
+    label_h = 14
+    canvas = Image.new("RGB", (width, sum(s.height + label_h for _, s in strips)), "white")
+    draw, y = ImageDraw.Draw(canvas), 0
+    for label, strip in strips:
+        draw.text((2, y + 1), label, fill="black")
+        canvas.paste(strip, (0, y + label_h))
+        y += strip.height + label_h
+    path = os.path.join(out, "overview.png")
+    canvas.save(path)
+    return path
+
+
+def plots(rows: list[dict], out: str, log=print):
+    """FD and recall against NFE, one line per model, when matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("[bench] matplotlib not installed: no plots; see results.md and overview.png")
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for model in models:
+        pts = sorted((r["nfe"], r.get("fd"), r.get("recall")) for r in rows
+                     if r["model"] == model and r.get("nfe") and r.get("fd") is not None)
+        if pts:
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=model)
+            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=model)
+    space = next((r.get("feature_space") for r in rows if r.get("feature_space")), "?")
+    for ax, what in zip(axes, ("Fréchet distance", "recall")):
+        ax.set_xscale("log")
+        ax.set_xlabel("NFE per image")
+        ax.set_ylabel(what)
+    axes[0].set_title(f"FD in {space} (not FID)", fontsize=8)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out, "fd_recall_vs_nfe.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _cli(args) -> int:
+    spec = load_spec(args.spec)
+    out = args.out or spec.get("out") or os.path.join("benchmarks", "results", spec["name"])
+    summary = run_bench(spec, out, cache_dir=args.cache_dir, rerun=args.rerun,
+                        progress=not args.no_progress)
+    with open(os.path.join(out, "results.md")) as f:
+        print(f.read())
+    print(f"wrote {out}/results.json, results.md, cells/, grids/")
+    if not summary["complete"]:
+        bad = [r["cell"] for r in summary["cells"] if not r.get("complete")]
+        print(f"ddistill bench: INCOMPLETE cells: {bad}; rerun the same command to retry them "
+              "(finished cells are kept)", file=sys.stderr)
+        return 1
+    return 0

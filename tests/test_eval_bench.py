@@ -1,0 +1,53 @@
+"""`ddistill bench` on a tiny random pipeline: cells, tables, and resuming without rework."""
+import json
+
+import pytest
+import yaml
+
+
+def test_bench_runs_cells_writes_tables_and_resumes(tmp_path, capsys):
+    from diffusion_distill.cli import main
+    from diffusion_distill.tiny import tiny_sd
+
+    tiny_sd().save_pretrained(tmp_path / "pipe")
+    spec = {"name": "tiny", "teacher": str(tmp_path / "pipe"), "teacher_steps": [1, 2],
+            "exports": [{"name": "missing", "path": str(tmp_path / "no_export")}],
+            "num_samples": 8, "feature_size": 32, "batch_size": 8}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    argv = ["bench", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    # The missing export fails its own cell only; the command reports it and exits 1.
+    assert main(argv) == 1
+    out = tmp_path / "out"
+    summary = json.loads((out / "results.json").read_text())
+    cells = {c["cell"]: c for c in summary["cells"]}
+    assert set(cells) == {"teacher-steps1-cfgdefault", "teacher-steps2-cfgdefault",
+                          "missing-stepsown-cfgdefault"}
+    assert cells["teacher-steps1-cfgdefault"]["nfe"] == 2
+    assert cells["teacher-steps2-cfgdefault"]["nfe"] == 4
+    assert "does not exist" in cells["missing-stepsown-cfgdefault"]["error"]
+    md = (out / "results.md").read_text()
+    assert "NOT Inception" in md and md.count("| teacher |") == 2 and "incomplete" in md
+    assert (out / "grids" / "teacher-steps1-cfgdefault.png").is_file()
+    assert (out / "overview.png").is_file()
+
+    # Second run: finished cells are read back, not recomputed.
+    first = (out / "cells" / "teacher-steps1-cfgdefault.json").read_text()
+    capsys.readouterr()
+    assert main(argv) == 1
+    log = capsys.readouterr().out
+    assert log.count("finished earlier, kept") == 2
+    assert (out / "cells" / "teacher-steps1-cfgdefault.json").read_text() == first
+
+
+def test_bench_spec_errors(tmp_path):
+    from diffusion_distill.bench import load_spec
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_spec(str(tmp_path / "none.yaml"))
+    (tmp_path / "bad.yaml").write_text("teacher: x\nnfe_list: [1]\n")
+    with pytest.raises(ValueError, match="unknown key"):
+        load_spec(str(tmp_path / "bad.yaml"))
+    (tmp_path / "empty.yaml").write_text("num_samples: 8\n")
+    with pytest.raises(ValueError, match="neither a teacher nor exports"):
+        load_spec(str(tmp_path / "empty.yaml"))
