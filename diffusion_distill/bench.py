@@ -61,8 +61,9 @@ def load_spec(path: str) -> dict:
                                 "such as benchmarks/specs/embedded_sd.yaml")
     with open(path) as f:
         spec = yaml.safe_load(f) or {}
-    if not isinstance(spec, dict):  # noqa: TRY004  (a ValueError reaches the user plainly)
-        raise ValueError(f"benchmark spec {path!r} must be a YAML mapping, got "
+    if not isinstance(spec, dict):
+        # ValueError, not TypeError: the CLI shows ValueErrors to people without a traceback.
+        raise ValueError(f"benchmark spec {path!r} must be a YAML mapping, got "  # noqa: TRY004
                          f"{type(spec).__name__}")
     unknown = sorted(set(spec) - set(SPEC_KEYS))
     if unknown:
