@@ -242,13 +242,18 @@ class ShapesWorld:
     Args:
         seed: the world's seed; two worlds with the same seed give the same batches.
         kinds: which scene kinds to draw (default all three, see ``KIND_PROBS``).
+        resolution: output side; scenes are drawn at 32 px and resized (area/bilinear), so the
+            content is the same at every resolution.
     """
 
-    resolution = RESOLUTION
     words = WORDS
 
-    def __init__(self, seed: int = 0, kinds: tuple[str, ...] | None = None):
+    def __init__(self, seed: int = 0, kinds: tuple[str, ...] | None = None,
+                 resolution: int = RESOLUTION):
         self.seed = int(seed)
+        if int(resolution) < 8:
+            raise ValueError(f"resolution must be >= 8 pixels, got {resolution}")
+        self.resolution = int(resolution)
         if kinds is not None:
             bad = [k for k in kinds if k not in KINDS]
             if bad:
@@ -264,8 +269,15 @@ class ShapesWorld:
             return None
         return self.kinds[int(torch.randint(len(self.kinds), (), generator=g))]
 
-    def batch(self, n: int, generator_or_seed: torch.Generator | int = 0):
-        """``n`` samples: images (n, 3, 32, 32) in [-1, 1], captions, labels dicts."""
+    def batch(self, n: int, generator_or_seed: torch.Generator | int | None = None,
+              seed: int | None = None):
+        """``n`` samples: images (n, 3, R, R) in [-1, 1], captions, labels dicts.
+
+        ``generator_or_seed`` (or ``seed=``) picks the batch: the same value always gives the
+        same batch of this world.
+        """
+        if generator_or_seed is None:
+            generator_or_seed = 0 if seed is None else seed
         g = (generator_or_seed if isinstance(generator_or_seed, torch.Generator)
              else self.generator(int(generator_or_seed)))
         images, captions, labels = [], [], []
@@ -275,7 +287,11 @@ class ShapesWorld:
             lab, img = _filled(lab, g)
             labels.append(lab)
             images.append(img)
-        return torch.stack(images), captions, labels
+        images = torch.stack(images)
+        if self.resolution != RESOLUTION:
+            mode = "area" if self.resolution < RESOLUTION else "bilinear"
+            images = F.interpolate(images, size=(self.resolution,) * 2, mode=mode).clamp(-1, 1)
+        return images, captions, labels
 
     def __iter__(self):
         raise TypeError("ShapesWorld is unlimited; use world.stream(batch_size) or world.batch(n, i)")
@@ -433,9 +449,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         img = data.view(self.resolution, self.resolution, 3).permute(2, 0, 1).float()
         return img / 127.5 - 1, caption
 
-    def batch(self, indices) -> tuple[torch.Tensor, list[str]]:
+    def get_many(self, indices) -> tuple[torch.Tensor, list[str]]:
+        """Images (len(indices), 3, R, R) and their captions."""
         pairs = [self[i] for i in indices]
         return torch.stack([p[0] for p in pairs]), [p[1] for p in pairs]
+
+    batch = get_many
 
 
 def to_uint8_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:

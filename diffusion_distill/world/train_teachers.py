@@ -1,0 +1,196 @@
+"""Train the embedded teachers from their recipes.
+
+    python -m diffusion_distill.world.train_teachers sd     # recipes/teachers/sd_unet.yaml
+    python -m diffusion_distill.world.train_teachers sd3    # recipes/teachers/sd3_flow.yaml
+
+The same pieces as a distillation run: the recipe format of ``diffusion_distill.recipe``, the
+:class:`~diffusion_distill.objectives.denoising.Denoising` objective, the roles/``Nets`` of
+``student.py`` (full fine-tuning of a freshly built pipeline's denoiser as role "student", an
+EMA copy as role "ema") and the loop's ``Randomness``/``StepContext``. What differs from
+``train.py`` is only what a teacher needs: the data are world latents (encoded once, since the
+VAE is frozen), and the result is written as a whole diffusers pipeline with the EMA weights,
+every ``checkpoint_every`` steps, so an interrupted run still leaves a usable teacher.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+RECIPES = {"sd": "recipes/teachers/sd_unet.yaml", "sd3": "recipes/teachers/sd3_flow.yaml"}
+
+
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def recipe_path(name: str) -> str:
+    if name in RECIPES:
+        return os.path.join(_repo_root(), RECIPES[name])
+    if os.path.isfile(name):
+        return name
+    raise ValueError(f"unknown teacher {name!r}; expected one of {sorted(RECIPES)} or a recipe "
+                     "file path")
+
+
+@torch.no_grad()
+def world_latents(vae, n: int, seed: int, chunk: int = 128, kinds=None, cache: str | None = None):
+    """``n`` world samples as unscaled VAE latent means + captions (cached on disk: both
+    teachers share the VAE, so they share the latents)."""
+    from .data import ShapesWorld
+
+    if cache and os.path.isfile(cache):
+        data = torch.load(cache)
+        if data["n"] >= n:
+            return data["latents"][:n], data["captions"][:n]
+    world = ShapesWorld(seed, kinds=kinds)
+    latents, captions = [], []
+    for i in range(0, n, chunk):
+        images, caps, _ = world.batch(min(chunk, n - i), i // chunk)
+        latents.append(vae.encode(images).latent_dist.mode())
+        captions += caps
+    latents = torch.cat(latents)
+    if cache:
+        os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
+        torch.save({"n": n, "latents": latents, "captions": captions}, cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
+    return latents, captions
+
+
+def scale_latents(vae, latents):
+    """The same map as ``Teacher.encode_images`` applies after the encoder."""
+    cfg = vae.config
+    return (latents - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+
+
+def save_pipeline(pipe, backbone_state, out):
+    """Write the pipeline with the given denoiser weights (safetensors)."""
+    net = pipe.unet if hasattr(pipe, "unet") and pipe.unet is not None else pipe.transformer
+    net.load_state_dict(backbone_state)
+    tmp = out + ".tmp"
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if os.path.isdir(out):
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str | None = None,
+                  pool: int | None = None, threads: int | None = None,
+                  minutes: float | None = None, log=print) -> str:
+    """Train one embedded teacher; returns the folder of the saved pipeline."""
+    from ..objectives import build_objective
+    from ..recipe import load_recipe
+    from ..student import Nets, SeparateRoles
+    from ..teachers import teacher_from_pipeline
+    from ..train import Randomness, StepContext
+    from . import teachers as world_teachers
+
+    if threads:
+        torch.set_num_threads(threads)
+    recipe = load_recipe(recipe_path(name), list(overrides))
+    cfg = recipe["train"]
+    module, fn = recipe["teacher"]["build"].split(":")
+    if module != world_teachers.__name__:
+        raise ValueError(f"teacher.build must be a builder in {world_teachers.__name__}, got "
+                         f"{recipe['teacher']['build']!r}")
+    pipe = getattr(world_teachers, fn)(vae_path)
+    kwargs = {}
+    if recipe["teacher"]["guidance"] is not None:
+        kwargs["guidance_scale"] = recipe["teacher"]["guidance"]
+    teacher = teacher_from_pipeline(pipe, **kwargs)
+    objective = build_objective(recipe["method"])
+    torch.manual_seed(cfg["seed"])
+    roles = SeparateRoles(teacher.backbone, roles=("student",), ema=cfg["ema_decay"] is not None)
+    nets = Nets(teacher, roles)
+    params = nets.params("student")
+    collapse = None
+    if teacher.family == "sd3":
+        # Same function, ~5x cheaper: see world.teachers.RepeatedTokenJointAttention.
+        student_denoiser = nets._denoisers["student"]
+        student_denoiser.uncond, collapse = world_teachers.collapse_repeated_context(
+            student_denoiser.uncond)
+        roles.networks["student"].set_attn_processor(
+            world_teachers.RepeatedTokenJointAttention(collapse))
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]),
+                            weight_decay=cfg["weight_decay"])
+    warmup = min(200, cfg["steps"] // 10 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+
+    out = out or os.path.join(recipe["output"]["dir"], "pipeline")
+    run_dir = os.path.dirname(out) or "."
+    os.makedirs(run_dir, exist_ok=True)
+    pool = pool or max(2048, min(16384, cfg["steps"] * cfg["batch_size"] // 4))
+    t0 = time.time()
+    # The cache is keyed by the VAE's weights, so a retrained VAE never reuses stale latents.
+    vae_key = f"{sum(float(p.double().sum()) for p in pipe.vae.encoder.parameters()):.6e}"
+    latents, captions = world_latents(
+        pipe.vae, pool, seed=cfg["seed"],
+        cache=os.path.join("runs", f"world_latents_seed{cfg['seed']}_{pool}_{vae_key}.pt"))
+    x0_pool = scale_latents(pipe.vae, latents)
+    log(f"{name}: {len(captions)} latents ready in {time.time() - t0:.0f}s; latent std "
+        f"{x0_pool.std():.3f}; denoiser {sum(p.numel() for p in params) / 1e6:.2f}M params")
+
+    log_path = os.path.join(run_dir, "metrics.jsonl")
+    t_start = time.time()
+    final_role = "ema" if roles.ema_of else "student"
+    for step in range(cfg["steps"]):
+        rng = Randomness(cfg["seed"], step, 0)
+        ctx = StepContext(step, 0, rng, 1, cfg["steps"])
+        index = rng.randint(len(captions), cfg["batch_size"])
+        caps = [captions[i] for i in index.tolist()]
+        cond = teacher.prompts(caps)
+        if collapse:
+            cond, _ = world_teachers.collapse_repeated_context(cond)
+        batch = {"x0": x0_pool[index], "cond": cond, "prompts": caps}
+        for role, loss in objective(nets, batch, ctx):
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"{name} step {step}: loss is {loss.item()}; lower train.lr")
+            loss.backward(inputs=nets.params(role))
+        if cfg["clip_grad"]:
+            torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad"])
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if roles.ema_of:
+            # Short runs: a warm-up EMA (decay grows to its set value) so early checkpoints are
+            # not dominated by the random initialisation.
+            roles.update_ema(min(cfg["ema_decay"], (1 + step) / (10 + step)))
+        done = step + 1
+        if done % cfg["log_every"] == 0 or done == cfg["steps"]:
+            logs = dict(ctx.logs, step=done, seconds=round(time.time() - t_start, 1))
+            with open(log_path, "a") as f:
+                f.write(json.dumps(logs) + "\n")
+            log(f"{name} step {done}: " + " ".join(f"{k} {v:.4g}" for k, v in logs.items()
+                                                  if k != "step"))
+        out_of_time = minutes is not None and time.time() - t_start > minutes * 60
+        if done % cfg["checkpoint_every"] == 0 or done == cfg["steps"] or out_of_time:
+            save_pipeline(pipe, roles.state_dict(final_role), out)
+            log(f"{name}: saved {out} at step {done}")
+        if out_of_time:
+            log(f"{name}: stopped at step {done} after {minutes} minutes")
+            break
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="train an embedded teacher from its recipe")
+    p.add_argument("name", help="sd or sd3 (or a recipe path)")
+    p.add_argument("overrides", nargs="*", help="key.path=value, e.g. train.steps=200")
+    p.add_argument("--out", default=None, help="pipeline folder (default <run dir>/pipeline)")
+    p.add_argument("--vae", default=None, help="trained VAE folder (default the shipped one)")
+    p.add_argument("--pool", type=int, default=None, help="number of world latents to use")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 is fastest on a busy machine: no spin-waiting)")
+    p.add_argument("--minutes", type=float, default=None, help="stop (and save) after this long")
+    a = p.parse_args(argv)
+    print(train_teacher(a.name, a.overrides, out=a.out, vae_path=a.vae, pool=a.pool,
+                        threads=a.threads, minutes=a.minutes, log=lambda s: print(s, flush=True)))
+
+
+if __name__ == "__main__":
+    main()
