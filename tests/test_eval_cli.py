@@ -38,3 +38,32 @@ def test_eval_cli_bad_paths_give_clear_errors(tmp_path, capsys):
     assert "neither a diffusers pipeline" in err and "notes.txt" in err
     assert main(["eval", str(tmp_path / "junk"), "--num", "2"]) == 2
     assert "too few samples" in capsys.readouterr().err
+
+
+def test_world_alignment_wrapper_passes_model_resizes_and_drops_per_sample(monkeypatch):
+    """The world classifier is called once-loaded, at the world's 32 px, aggregates only."""
+    import sys
+    import types
+
+    import torch
+
+    from diffusion_distill.eval.cli import world_alignment
+
+    seen = {}
+    fake = types.ModuleType("diffusion_distill.world.classifier")
+    fake.load_classifier = lambda: "the-model"
+
+    def score_alignment(images, labels, model=None):
+        seen["shape"], seen["model"] = tuple(images.shape), model
+        return {"per_attribute": {"shape": 0.5}, "whole_prompt": 0.25,
+                "per_sample": [True, False], "n": 2}
+
+    fake.score_alignment = score_alignment
+    monkeypatch.setitem(sys.modules, "diffusion_distill.world.classifier", fake)
+    from diffusion_distill import world
+    monkeypatch.setattr(world, "classifier", fake, raising=False)
+    fn, why_not = world_alignment()
+    assert why_not is None
+    out = fn(torch.zeros(2, 3, 16, 16), [{}, {}])
+    assert seen == {"shape": (2, 3, 32, 32), "model": "the-model"}
+    assert out == {"per_attribute": {"shape": 0.5}, "whole_prompt": 0.25, "n": 2}
