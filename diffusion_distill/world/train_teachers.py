@@ -81,7 +81,8 @@ def save_pipeline(pipe, backbone_state, out):
 
 def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str | None = None,
                   pool: int | None = None, threads: int | None = None,
-                  minutes: float | None = None, log=print) -> str:
+                  minutes: float | None = None, cache_dir: str | None = "runs",
+                  log=print) -> str:
     """Train one embedded teacher; returns the folder of the saved pipeline."""
     from ..objectives import build_objective
     from ..recipe import load_recipe
@@ -127,10 +128,10 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
     pool = pool or max(2048, min(16384, cfg["steps"] * cfg["batch_size"] // 4))
     t0 = time.time()
     # The cache is keyed by the VAE's weights, so a retrained VAE never reuses stale latents.
-    vae_key = f"{sum(float(p.double().sum()) for p in pipe.vae.encoder.parameters()):.6e}"
-    latents, captions = world_latents(
-        pipe.vae, pool, seed=cfg["seed"],
-        cache=os.path.join("runs", f"world_latents_seed{cfg['seed']}_{pool}_{vae_key}.pt"))
+    vae_key = f"{sum(float(p.detach().double().sum()) for p in pipe.vae.encoder.parameters()):.6e}"
+    cache = (os.path.join(cache_dir, f"world_latents_seed{cfg['seed']}_{pool}_{vae_key}.pt")
+             if cache_dir else None)
+    latents, captions = world_latents(pipe.vae, pool, seed=cfg["seed"], cache=cache)
     x0_pool = scale_latents(pipe.vae, latents)
     log(f"{name}: {len(captions)} latents ready in {time.time() - t0:.0f}s; latent std "
         f"{x0_pool.std():.3f}; denoiser {sum(p.numel() for p in params) / 1e6:.2f}M params")
