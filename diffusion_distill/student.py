@@ -285,11 +285,14 @@ def generate(nets: Nets, prompts: list[str], times: list[float], generator=None,
     shape = (len(prompts),) + tuple(teacher.latent_shape)
     cond = teacher.prompts(prompts)
     x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    # SD3/Flux pipelines do not hand the generator to the scheduler, so a stochastic flow
+    # step draws from torch's global RNG there; mirror that (seed it for reproducible samples).
+    step_generator = generator if nets.schedule.kind == "vp" else None
     for i, t in enumerate(times):
         r = f"student_{i}" if experts else role
         x0 = nets.x0(r, x, t, cond)
         if i + 1 == len(times):
             return x0
-        noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        noise = randn_tensor(shape, generator=step_generator, device=device, dtype=torch.float32)
         x = ddim_step(nets.schedule, x0, x, t, times[i + 1], noise=noise)
     return x

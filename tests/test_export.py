@@ -1,0 +1,62 @@
+"""Exported students load with plain diffusers and reproduce the toolkit's own samples."""
+import json
+import os
+
+import pytest
+import torch
+from conftest import tiny_recipe
+
+from diffusion_distill.export import load_student
+from diffusion_distill.recipe import load_recipe
+from diffusion_distill.student import generate
+from diffusion_distill.train import student_times, train
+
+
+@pytest.mark.parametrize("family,steps", [("sd", 1), ("sd", 2), ("sd3", 2)])
+def test_plain_diffusers_reproduces_student(family, steps, tiny_sd_path, tiny_sd3_path, tmp_path):
+    path = tiny_sd_path if family == "sd" else tiny_sd3_path
+    recipe = tiny_recipe(path, tmp_path / "run", steps=2)
+    recipe["student"]["num_steps"] = steps
+    run_dir, nets = train(recipe, progress=False, return_nets=True)
+    export = os.path.join(run_dir, "export")
+    config = json.load(open(os.path.join(export, "distill_config.json")))
+    assert config["call"]["num_inference_steps"] == steps
+    assert os.path.isfile(os.path.join(export, "pytorch_lora_weights.safetensors"))
+
+    prompts = ["a red circle", "two green triangles"]
+    gens = [torch.Generator().manual_seed(s) for s in (11, 12)]
+    times = student_times(load_recipe(recipe), nets.teacher_model)
+    torch.manual_seed(3)  # flow pipelines re-noise from the global RNG (see generate())
+    ours = generate(nets, prompts, times, gens, role="ema")
+    student = load_student(export)
+    gens = [torch.Generator().manual_seed(s) for s in (11, 12)]
+    torch.manual_seed(3)
+    theirs = student(prompts, generator=gens, output_type="latent").images
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    # The LoRA really changes the output (the test would be empty if the student = teacher).
+    torch.manual_seed(3)
+    base = generate(nets, prompts, times, [torch.Generator().manual_seed(s) for s in (11, 12)],
+                    role="teacher")
+    assert not torch.allclose(base, ours, atol=1e-4)
+
+
+def test_export_refuses_another_base(tiny_sd_path, tmp_path):
+    from diffusion_distill.tiny import tiny_sd
+
+    recipe = tiny_recipe(tiny_sd_path, tmp_path / "run", steps=1)
+    run_dir = train(recipe, progress=False)
+    other = tmp_path / "other"
+    tiny_sd(seed=5).save_pretrained(other)
+    with pytest.raises(ValueError, match="trained on a different base"):
+        load_student(os.path.join(run_dir, "export"), teacher=str(other))
+
+
+def test_cli_export_from_run(tiny_sd_path, tmp_path):
+    from diffusion_distill.cli import main
+
+    recipe = tiny_recipe(tiny_sd_path, tmp_path / "run", steps=1)
+    recipe["output"]["export"] = False
+    run_dir = train(recipe, progress=False)
+    assert main(["export", run_dir, "--out", str(tmp_path / "exp")]) == 0
+    assert os.path.isfile(tmp_path / "exp" / "distill_config.json")
+    assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
