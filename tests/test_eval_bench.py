@@ -10,7 +10,7 @@ def test_bench_runs_cells_writes_tables_and_resumes(tmp_path, capsys):
     from diffusion_distill.tiny import tiny_sd
 
     tiny_sd().save_pretrained(tmp_path / "pipe")
-    spec = {"name": "tiny", "teacher": str(tmp_path / "pipe"), "teacher_steps": [1, 2],
+    spec = {"name": "tiny", "teacher": str(tmp_path / "pipe"), "teacher_steps": [1],
             "exports": [{"name": "missing", "path": str(tmp_path / "no_export")}],
             "num_samples": 8, "feature_size": 32, "batch_size": 8}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
@@ -21,13 +21,12 @@ def test_bench_runs_cells_writes_tables_and_resumes(tmp_path, capsys):
     out = tmp_path / "out"
     summary = json.loads((out / "results.json").read_text())
     cells = {c["cell"]: c for c in summary["cells"]}
-    assert set(cells) == {"teacher-steps1-cfgdefault", "teacher-steps2-cfgdefault",
-                          "missing-stepsown-cfgdefault"}
-    assert cells["teacher-steps1-cfgdefault"]["nfe"] == 2
-    assert cells["teacher-steps2-cfgdefault"]["nfe"] == 4
+    assert set(cells) == {"teacher-steps1-cfgdefault", "missing-stepsown-cfgdefault"}
+    assert cells["teacher-steps1-cfgdefault"]["nfe"] == 2  # 1 step x 2 (CFG)
+    assert cells["teacher-steps1-cfgdefault"]["complete"]
     assert "does not exist" in cells["missing-stepsown-cfgdefault"]["error"]
     md = (out / "results.md").read_text()
-    assert "NOT Inception" in md and md.count("| teacher |") == 2 and "incomplete" in md
+    assert "NOT Inception" in md and md.count("| teacher |") == 1 and "incomplete" in md
     assert (out / "grids" / "teacher-steps1-cfgdefault.png").is_file()
     assert (out / "overview.png").is_file()
 
@@ -36,7 +35,7 @@ def test_bench_runs_cells_writes_tables_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 1
     log = capsys.readouterr().out
-    assert log.count("finished earlier, kept") == 2
+    assert log.count("finished earlier, kept") == 1
     assert (out / "cells" / "teacher-steps1-cfgdefault.json").read_text() == first
 
 
