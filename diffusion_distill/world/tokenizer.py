@@ -26,6 +26,19 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in cs]
 
 
+def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair merging as CLIPTokenizer does it: always the lowest-ranked pair first."""
+    pieces = list(pieces)
+    while len(pieces) > 1:
+        pairs = [(ranks.get((a, b), float("inf")), i)
+                 for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == float("inf"):
+            break
+        pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
 def make_clip_tokenizer(words: list[str], max_length: int = 77):
     """A CLIPTokenizer whose vocabulary holds ``words`` as whole tokens."""
     from transformers import CLIPTokenizer
@@ -33,17 +46,24 @@ def make_clip_tokenizer(words: list[str], max_length: int = 77):
     chars = _bytes_to_unicode()
     vocab_list = chars + [c + "</w>" for c in chars]
     merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     seen = set(vocab_list)
     for word in dict.fromkeys(w.lower() for w in words):
+        # Run BPE with the merges so far and add one merge at a time until the word is a
+        # single token. A naive chain per word breaks as soon as words share letter pairs
+        # ("right" adds r+i early, so "triangle" would stop at t/ri/...). New merges rank
+        # last, so they never change how earlier words tokenize.
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        current = pieces[0]
-        for nxt in pieces[1:]:
-            pair = (current, nxt)
-            current = current + nxt
-            if current not in seen:
-                merges.append(pair)
-                vocab_list.append(current)
-                seen.add(current)
+        while True:
+            pieces = _apply_merges(pieces, ranks)
+            if len(pieces) == 1:
+                break
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            if pair[0] + pair[1] not in seen:
+                vocab_list.append(pair[0] + pair[1])
+                seen.add(pair[0] + pair[1])
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "vocab.json"), "w") as f:
