@@ -5,12 +5,10 @@ import pytest
 import yaml
 
 
-def test_bench_runs_cells_writes_tables_and_resumes(tmp_path, capsys):
+def test_bench_runs_cells_writes_tables_and_resumes(tiny_sd_path, tmp_path, capsys):
     from diffusion_distill.cli import main
-    from diffusion_distill.tiny import tiny_sd
 
-    tiny_sd().save_pretrained(tmp_path / "pipe")
-    spec = {"name": "tiny", "teacher": str(tmp_path / "pipe"), "teacher_steps": [1],
+    spec = {"name": "tiny", "teacher": tiny_sd_path, "teacher_steps": [1],
             "exports": [{"name": "missing", "path": str(tmp_path / "no_export")}],
             "num_samples": 8, "feature_size": 32, "batch_size": 8}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))

@@ -3,13 +3,12 @@ import json
 import os
 
 
-def test_eval_cli_end_to_end_on_a_tiny_pipeline(tmp_path, capsys):
+def test_eval_cli_end_to_end_on_a_tiny_pipeline(tiny_sd_path, tmp_path, capsys):
+    """A pipeline folder saved with save_pretrained (the session's tiny SD) as the teacher."""
     from diffusion_distill.cli import main
-    from diffusion_distill.tiny import tiny_sd
 
-    tiny_sd().save_pretrained(tmp_path / "pipe")
     out = tmp_path / "results.json"
-    code = main(["eval", str(tmp_path / "pipe"), "--num", "8", "--steps", "2",
+    code = main(["eval", tiny_sd_path, "--num", "8", "--steps", "2",
                  "--feature-size", "32", "--batch-size", "8", "--out", str(out),
                  "--cache-dir", str(tmp_path / "cache"), "--grid", str(tmp_path / "g.png"),
                  "--no-progress"])
@@ -67,3 +66,22 @@ def test_world_alignment_wrapper_passes_model_resizes_and_drops_per_sample(monke
     out = fn(torch.zeros(2, 3, 16, 16), [{}, {}])
     assert seen == {"shape": (2, 3, 32, 32), "model": "the-model"}
     assert out == {"per_attribute": {"shape": 0.5}, "whole_prompt": 0.25, "n": 2}
+
+
+def test_eval_cli_on_a_student_export(tiny_sd_path, tmp_path):
+    """An export folder is detected, loaded with plain diffusers, sampled at its own steps."""
+    from conftest import tiny_recipe
+
+    from diffusion_distill.cli import main
+    from diffusion_distill.train import train
+
+    run_dir = train(tiny_recipe(tiny_sd_path, tmp_path / "run", steps=1), progress=False)
+    out = tmp_path / "student.json"
+    code = main(["eval", os.path.join(run_dir, "export"), "--num", "8", "--feature-size", "32",
+                 "--batch-size", "8", "--out", str(out), "--cache-dir", str(tmp_path / "c"),
+                 "--no-progress"])
+    assert code == 0
+    r = json.loads(out.read_text())
+    assert r["model_kind"] == "student" and r["steps"] == 1 and r["guidance"] == 1.0
+    assert r["nfe"] == 1  # one step, no CFG: the export's own sampler
+    assert r["complete"] and r["fd"] is not None
