@@ -35,6 +35,7 @@ SPEC_KEYS = {
     "feature_size": "feature network input size in px (default 128)",
     "batch_size": "prompts per pipeline call (default 50)",
     "metrics": "table columns, from fd, kid, precision, recall, alignment (default all)",
+    "real_baseline": "also score fresh real renders, the metrics' floor (default true)",
     "out": "output folder (default benchmarks/results/<name>)",
 }
 METRICS = ("fd", "kid", "precision", "recall", "alignment")
@@ -80,6 +81,7 @@ def load_spec(path: str) -> dict:
     spec.setdefault("feature_size", 128)
     spec.setdefault("batch_size", 50)
     spec.setdefault("metrics", list(METRICS))
+    spec.setdefault("real_baseline", True)
     bad = [m for m in spec["metrics"] if m not in METRICS]
     if bad:
         raise ValueError(f"unknown metric(s) {bad} in {path}; available: {list(METRICS)}")
@@ -92,6 +94,10 @@ def load_spec(path: str) -> dict:
 def cells_of(spec: dict) -> list[dict]:
     """Every (model, steps, guidance) to evaluate, teacher first, in spec order."""
     cells = []
+    if spec.get("real_baseline"):
+        # Real images from another seed, scored like a model: the best any model can reach at
+        # this sample count (FD is biased upward at finite n, recall below 1).
+        cells.append({"model": "real-data", "path": None, "steps": 0, "guidance": None})
     if spec.get("teacher"):
         for steps in spec["teacher_steps"]:
             cells.append({"model": "teacher", "path": spec["teacher"], "steps": int(steps),
@@ -153,14 +159,18 @@ def run_bench(spec: dict, out: str, cache_dir=None, rerun=False, progress=True,
         log(f"[bench] {c['id']}: evaluating {spec['num_samples']} samples ...")
         t0 = time.perf_counter()
         try:
-            key = (c["path"], c.get("teacher"))
-            if key not in loaded:
-                # one model loaded at a time: a big teacher and a student never share RAM
-                loaded.clear()
-                loaded[key] = load_model(c["path"], c.get("teacher") if c["model"] != "teacher"
-                                         else None)
-            result, images = evaluate_loaded(loaded[key], protocol, c["steps"], c["guidance"],
-                                             spec["batch_size"], progress, name=c["model"])
+            if c["path"] is None:
+                result, images = evaluate_real(protocol, spec["batch_size"], progress)
+            else:
+                key = (c["path"], c.get("teacher"))
+                if key not in loaded:
+                    # one model loaded at a time: a big teacher and a student never share RAM
+                    loaded.clear()
+                    loaded[key] = load_model(c["path"], c.get("teacher")
+                                             if c["model"] != "teacher" else None)
+                result, images = evaluate_loaded(loaded[key], protocol, c["steps"],
+                                                 c["guidance"], spec["batch_size"], progress,
+                                                 name=c["model"])
         except Exception as e:  # noqa: BLE001
             # A broken export must not stop the other cells; the cell records why it failed.
             result, images = {"model": c["model"], "complete": False, **described,
@@ -184,6 +194,31 @@ def run_bench(spec: dict, out: str, cache_dir=None, rerun=False, progress=True,
     overview(rows, out)
     plots(rows, out, log)
     return summary
+
+
+REAL_SEED_OFFSET = 1_000_000  # real-baseline renders never reuse the reference's seed
+
+
+def evaluate_real(protocol, batch_size=50, progress=True):
+    """Score fresh real renders of the protocol's prompts, exactly as a model is scored."""
+    from .eval.evaluate import evaluate
+    from .world.data import render_prompts
+
+    first = protocol.seeds[0]
+
+    def sample_fn(prompts, seeds):
+        i = seeds[0] - first  # seeds are first, first+1, ...: their offset indexes the labels
+        return render_prompts(protocol.labels[i:i + len(seeds)],
+                              seed=REAL_SEED_OFFSET + seeds[0])
+
+    result = evaluate(sample_fn, protocol.prompts, protocol.seeds,
+                      reference_features=protocol.reference, labels=protocol.labels,
+                      alignment_fn=protocol.alignment_fn, batch_size=batch_size,
+                      extractor=protocol.extractor, nfe=0, progress=progress)
+    images = result.pop("images")
+    head = {"model": "real-data", "model_kind": "real", "pipeline": None, "steps": 0,
+            "guidance": None, **protocol.describe()}
+    return {**head, **result}, images
 
 
 def machine() -> dict:

@@ -19,7 +19,12 @@ def test_bench_runs_cells_writes_tables_and_resumes(tiny_sd_path, tmp_path, caps
     out = tmp_path / "out"
     summary = json.loads((out / "results.json").read_text())
     cells = {c["cell"]: c for c in summary["cells"]}
-    assert set(cells) == {"teacher-steps1-cfgdefault", "missing-stepsown-cfgdefault"}
+    assert set(cells) == {"real-data-steps0-cfgdefault", "teacher-steps1-cfgdefault",
+                          "missing-stepsown-cfgdefault"}
+    real = cells["real-data-steps0-cfgdefault"]
+    # fresh real renders: the floor no model can beat; far below a random pipeline's FD
+    assert real["complete"] and real["nfe"] == 0
+    assert real["fd"] < cells["teacher-steps1-cfgdefault"]["fd"]
     assert cells["teacher-steps1-cfgdefault"]["nfe"] == 2  # 1 step x 2 (CFG)
     assert cells["teacher-steps1-cfgdefault"]["complete"]
     assert "does not exist" in cells["missing-stepsown-cfgdefault"]["error"]
@@ -33,7 +38,7 @@ def test_bench_runs_cells_writes_tables_and_resumes(tiny_sd_path, tmp_path, caps
     capsys.readouterr()
     assert main(argv) == 1
     log = capsys.readouterr().out
-    assert log.count("finished earlier, kept") == 1
+    assert log.count("finished earlier, kept") == 2
     assert (out / "cells" / "teacher-steps1-cfgdefault.json").read_text() == first
 
 
