@@ -259,7 +259,8 @@ def run_cli(args) -> int:
         prompts_kind=args.prompts, seed=args.seed, batch_size=args.batch_size,
         feature_size=args.feature_size, teacher=args.teacher, cache_dir=args.cache_dir,
         progress=not args.no_progress)
-    result["command"] = "ddistill eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
+    # The arguments as parsed (defaults included), so the JSON says how to reproduce it.
+    result["arguments"] = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     if args.out:
         _write_json(args.out, result)
     if args.grid and images is not None:
