@@ -1,0 +1,134 @@
+"""The embedded world's shipped assets and the code that made them."""
+import json
+import os
+
+import pytest
+import torch
+
+import diffusion_distill.world as world
+from diffusion_distill.world.classifier import (evaluate_classifier, load_classifier,
+                                                score_alignment)
+from diffusion_distill.world.data import eval_prompts, render_prompts
+
+MAX_FILE_BYTES = 20 * 1024 * 1024
+
+
+def test_assets_are_small_safetensors_and_configs():
+    for root, _, files in os.walk(world.ASSETS):
+        for name in files:
+            path = os.path.join(root, name)
+            assert os.path.getsize(path) <= MAX_FILE_BYTES, path
+            assert name.endswith((".safetensors", ".json", ".txt")), path
+
+
+def test_embedded_teacher_path_errors():
+    with pytest.raises(ValueError, match="available: sd, sd3"):
+        world.embedded_teacher_path("flux")
+
+
+@pytest.mark.parametrize("name", ["sd", "sd3"])
+def test_plain_diffusers_loads_and_samples_shipped_teacher(name):
+    from diffusers import DiffusionPipeline
+
+    path = world.embedded_teacher_path(name)
+    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    expected = {"sd": "StableDiffusionPipeline", "sd3": "StableDiffusion3Pipeline"}[name]
+    assert type(pipe).__name__ == expected
+    out = pipe("a large red circle on the left", num_inference_steps=2, output_type="pt",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_shipped_vae_reconstructs_the_world():
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(os.path.join(world.ASSETS, "vae"), local_files_only=True)
+    _, labels = eval_prompts("single", 16)
+    images = render_prompts(labels)
+    with torch.no_grad():
+        z = vae.encode(images).latent_dist.mode()
+        recon = vae.decode(z).sample
+    assert z.shape == (16, 4, 16, 16)
+    assert torch.mean((recon - images) ** 2) < 0.01
+    scaled = (z - vae.config.shift_factor) * vae.config.scaling_factor
+    assert 0.6 < scaled.std() < 1.5  # unit-ish latents, as the noise schedules assume
+
+
+def test_classifier_is_accurate_on_fresh_renders():
+    acc = evaluate_classifier(load_classifier(), n=96, seed=31337)
+    assert acc["single"] > 0.95 and acc["pair"] > 0.95 and acc["count"] > 0.95, acc
+
+
+def test_score_alignment_api():
+    _, labels = eval_prompts("single", 8)
+    images = render_prompts(labels)
+    result = score_alignment(images, labels)
+    assert set(result) >= {"per_attribute", "whole_prompt", "per_sample"}
+    assert set(result["per_attribute"]) == {"count", "shape", "color", "size", "position"}
+    assert len(result["per_sample"]) == 8
+    # wrong prompts are scored wrong
+    wrong = [dict(lab, color="red" if lab["color"] != "red" else "blue") for lab in labels]
+    assert score_alignment(images, wrong)["per_attribute"]["color"] < 0.5
+    # unsaid attributes are not scored
+    vague = [dict(lab, position=None) for lab in labels]
+    assert "position" not in score_alignment(images, vague)["per_attribute"]
+    with pytest.raises(ValueError, match="one labels dict per image"):
+        score_alignment(images, labels[:3])
+
+
+def test_repeated_token_attention_equals_full_context():
+    from diffusion_distill.teachers import teacher_from_pipeline
+    from diffusion_distill.world.teachers import (RepeatedTokenJointAttention, build_sd3,
+                                                  collapse_repeated_context)
+
+    pipe = build_sd3()
+    teacher = teacher_from_pipeline(pipe)
+    net = pipe.transformer
+    with torch.no_grad():
+        for p in net.parameters():  # away from the zero-initialised output layers
+            p.add_(0.02 * torch.randn_like(p))
+    cond = teacher.prompts(["a red circle left of a blue square", "two green triangles"])
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([300.0, 800.0])
+    c = cond.tensors
+    with torch.no_grad():
+        full = net(hidden_states=x, timestep=t, encoder_hidden_states=c["prompt_embeds"],
+                   pooled_projections=c["pooled_projections"]).sample
+        short, k = collapse_repeated_context(cond)
+        assert k == 256 and short.tensors["prompt_embeds"].shape[1] == 17
+        net.set_attn_processor(RepeatedTokenJointAttention(k))
+        fast = net(hidden_states=x, timestep=t,
+                   encoder_hidden_states=short.tensors["prompt_embeds"],
+                   pooled_projections=c["pooled_projections"]).sample
+    assert torch.allclose(full, fast, atol=1e-5)
+
+
+def _losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss_denoise"] for line in f]
+
+
+def test_shortened_teacher_recipe_trains_and_saves_a_pipeline(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from diffusion_distill.world.train_teachers import train_teacher
+
+    out = str(tmp_path / "sd" / "pipeline")
+    train_teacher("sd", ["train.steps=24", "train.batch_size=16", "train.log_every=4",
+                         "train.checkpoint_every=1000"], out=out, pool=256, cache_dir=None,
+                  log=lambda s: None)
+    losses = _losses(str(tmp_path / "sd"))
+    assert len(losses) == 6
+    assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
+    pipe = DiffusionPipeline.from_pretrained(out, local_files_only=True)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+
+
+def test_shortened_sd3_recipe_runs(tmp_path):
+    from diffusion_distill.world.train_teachers import train_teacher
+
+    out = str(tmp_path / "sd3" / "pipeline")
+    train_teacher("sd3", ["train.steps=2", "train.batch_size=4", "train.log_every=1"], out=out,
+                  pool=64, cache_dir=None, log=lambda s: None)
+    assert os.path.isfile(os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"))
+    assert all(l == l for l in _losses(str(tmp_path / "sd3")))  # finite (not NaN)
