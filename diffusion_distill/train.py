@@ -323,6 +323,13 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
                 for k, v in logs.items():
                     writer.add_scalar(k, v, done)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss/")})
+        if cfg["eval_every"] and (done % cfg["eval_every"] == 0 or done == end) and main:
+            row = quick_eval(nets, teacher, recipe, objective)
+            row.update(step=done)
+            with open(os.path.join(run_dir, "eval.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                                  if isinstance(v, float)))
         if done % cfg["checkpoint_every"] == 0 or done == cfg["steps"]:
             checkpoint(done)
     if writer:
@@ -333,6 +340,43 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
         export_nets(nets, teacher, recipe, os.path.join(run_dir, "export"))
     accelerator.wait_for_everyone()
     return (run_dir, nets) if return_nets else run_dir
+
+
+_EVAL_PROTOCOLS: dict = {}
+
+
+@torch.no_grad()
+def quick_eval(nets, teacher, recipe, objective) -> dict:
+    """A cheap evaluation of the current student, for the run log (``eval.jsonl``).
+
+    The same protocol as ``ddistill eval`` (world prompts and seeds, cached reference
+    features, EfficientNet-Lite0 feature space, alignment), on ``train.eval_num`` samples
+    drawn with the toolkit's own few-step sampler, so curves of FD against training step need
+    no extra sampling afterwards. Needs the world (data.source: world).
+    """
+    from .eval.cli import Protocol
+    from .eval.evaluate import evaluate
+    from .student import generate
+
+    num = recipe["train"]["eval_num"]
+    if num not in _EVAL_PROTOCOLS:
+        _EVAL_PROTOCOLS[num] = Protocol(num=num, prompts_kind="single")
+    protocol = _EVAL_PROTOCOLS[num]
+    times = student_times(recipe, teacher)
+    experts = sum(r.startswith("student_") for r in objective.roles)
+    role = "ema" if getattr(nets.roles, "ema_of", None) else "student"
+
+    def sample_fn(prompts, seeds):
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        latents = generate(nets, list(prompts), times, gens, role=role, experts=experts)
+        return teacher.decode(latents)
+
+    result = evaluate(sample_fn, protocol.prompts, protocol.seeds,
+                      reference_features=protocol.reference, labels=protocol.labels,
+                      alignment_fn=protocol.alignment_fn, extractor=protocol.extractor,
+                      nfe=float(len(times)), progress=False, keep_images=0)
+    result.pop("images", None)
+    return {k: v for k, v in result.items() if isinstance(v, (int, float, str, dict))}
 
 
 def _all_reduce_mean(params):

@@ -128,3 +128,14 @@ def test_two_processes_match_one(tiny_sd_path, tmp_path):
         runs[n] = _weights(recipe["output"]["dir"])
     for k in runs[1]:
         torch.testing.assert_close(runs[1][k], runs[2][k], rtol=1e-4, atol=1e-5)
+
+
+def test_cheap_evaluation_goes_into_the_run_log(tiny_sd_path, tmp_path):
+    import json
+
+    recipe = tiny_recipe(tiny_sd_path, tmp_path / "run", steps=2, eval_every=2, eval_num=8)
+    run_dir = train(recipe, progress=False)
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "eval.jsonl"))]
+    assert [r["step"] for r in rows] == [2]
+    assert rows[0]["fd"] > 0 and 0 <= rows[0]["recall"] <= 1 and rows[0]["nfe"] == 1
+    assert "efficientnet" in rows[0]["feature_space"]
