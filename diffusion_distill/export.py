@@ -81,7 +81,6 @@ def _kohya(state: dict) -> dict | None:
 
 def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = None) -> str:
     """Write the export folder (atomically: a temp folder renamed into place)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
     from safetensors.torch import save_file
 
     from .student import SharedBaseRoles
@@ -106,8 +105,10 @@ def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = No
         os.makedirs(folder, exist_ok=True)
         peft_state = {k: v.detach().cpu().contiguous()
                       for k, v in nets.roles.state_dict(role_name).items()}
-        layers = convert_state_dict_to_diffusers(peft_state)
-        pipe_cls.save_lora_weights(folder, **{f"{component}_lora_layers": layers},
+        # peft key names (lora_A / lora_B), which current diffusers loads as they are. The
+        # older "lora.down / lora.up" names (convert_state_dict_to_diffusers) lose the
+        # attention projections on load with diffusers 0.42 (tested in test_export.py).
+        pipe_cls.save_lora_weights(folder, **{f"{component}_lora_layers": peft_state},
                                    safe_serialization=True)
         kohya = _kohya(peft_state) if component == "unet" else None
         if kohya:

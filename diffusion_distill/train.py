@@ -52,6 +52,10 @@ class Randomness:
     def randint(self, high, n):
         return self._slice(torch.randint(high, (n * self.world,), generator=self.gen))
 
+    def choice(self, high: int) -> int:
+        """One integer in [0, high), the same on every process (e.g. a student step index)."""
+        return int(torch.randint(high, (1,), generator=self.gen))
+
     def seed(self) -> int:
         """A seed shared by all processes (e.g. for the procedural data)."""
         return int(torch.randint(2**31 - 1, (1,), generator=self.gen))

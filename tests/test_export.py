@@ -12,27 +12,40 @@ from diffusion_distill.student import generate
 from diffusion_distill.train import student_times, train
 
 
-@pytest.mark.parametrize("family,steps", [("sd", 1), ("sd", 2), ("sd3", 2)])
-def test_plain_diffusers_reproduces_student(family, steps, tiny_sd_path, tiny_sd3_path, tmp_path):
+@pytest.mark.parametrize("family,steps,method", [
+    ("sd", 1, "dmd2"), ("sd", 2, "dmd2"), ("sd3", 2, "dmd2"), ("sd", 2, "phased_dmd")])
+def test_plain_diffusers_reproduces_student(family, steps, method, tiny_sd_path, tiny_sd3_path,
+                                            tmp_path):
     path = tiny_sd_path if family == "sd" else tiny_sd3_path
-    recipe = tiny_recipe(path, tmp_path / "run", steps=2)
+    recipe = tiny_recipe(path, tmp_path / "run", method={"name": method, "critic_steps": 1},
+                         steps=2)
     recipe["student"]["num_steps"] = steps
     run_dir, nets = train(recipe, progress=False, return_nets=True)
     export = os.path.join(run_dir, "export")
     config = json.load(open(os.path.join(export, "distill_config.json")))
     assert config["call"]["num_inference_steps"] == steps
-    assert os.path.isfile(os.path.join(export, "pytorch_lora_weights.safetensors"))
+    weights = "expert_0/pytorch_lora_weights.safetensors" if method == "phased_dmd" else \
+        "pytorch_lora_weights.safetensors"
+    assert os.path.isfile(os.path.join(export, weights))
 
     prompts = ["a red circle", "two green triangles"]
     gens = [torch.Generator().manual_seed(s) for s in (11, 12)]
     times = student_times(load_recipe(recipe), nets.teacher_model)
     torch.manual_seed(3)  # flow pipelines re-noise from the global RNG (see generate())
-    ours = generate(nets, prompts, times, gens, role="ema")
+    experts = steps if method == "phased_dmd" else 0
+    ours = generate(nets, prompts, times, gens, role="ema", experts=experts)
     student = load_student(export)
     gens = [torch.Generator().manual_seed(s) for s in (11, 12)]
     torch.manual_seed(3)
     theirs = student(prompts, generator=gens, output_type="latent").images
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    # Every adapter layer arrived: as many LoRA layers in the loaded pipeline as were trained.
+    loaded = sum(n.endswith("lora_A.weight") or ".lora_A." in n
+                 for n, _ in student.pipe.components[
+                     "unet" if family == "sd" else "transformer"].named_parameters())
+    trained = sum(".lora_A." in n and (".ema." in n if method == "dmd2" else ".student_" in n)
+                  for n, _ in nets.teacher_model.backbone.named_parameters())
+    assert loaded == trained
     # The LoRA really changes the output (the test would be empty if the student = teacher).
     torch.manual_seed(3)
     base = generate(nets, prompts, times, [torch.Generator().manual_seed(s) for s in (11, 12)],

@@ -107,7 +107,7 @@ class DMD2(Objective):
         shape = nets.teacher_model.latent_shape
         n = len(cond)
         x = ctx.rng.randn(n, *shape)
-        k = int(ctx.rng.randint(len(times), 1)[0]) if self.backward_simulation else 0
+        k = ctx.rng.choice(len(times)) if self.backward_simulation else 0
         with torch.no_grad():
             for i in range(k):
                 x0 = nets.student(x, times[i], cond)
