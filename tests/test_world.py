@@ -114,7 +114,7 @@ def test_shortened_teacher_recipe_trains_and_saves_a_pipeline(tmp_path):
     from diffusion_distill.world.train_teachers import train_teacher
 
     out = str(tmp_path / "sd" / "pipeline")
-    train_teacher("sd", ["train.steps=24", "train.batch_size=16", "train.log_every=4",
+    train_teacher("sd", ["train.steps=24", "train.batch_size=8", "train.log_every=4",
                          "train.checkpoint_every=1000"], out=out, pool=256, cache_dir=None,
                   log=lambda s: None)
     losses = _losses(str(tmp_path / "sd"))

@@ -56,7 +56,13 @@ def load_teacher_pipeline(name_or_path: str):
     from . import embedded_teacher_path
 
     path = embedded_teacher_path(name_or_path) if name_or_path in ("sd", "sd3") else name_or_path
-    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    except ValueError as e:  # an SD3 folder saved with text_encoder_3=None (see null_t5)
+        if "text_encoder_3" not in str(e):
+            raise
+        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True,
+                                                 text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

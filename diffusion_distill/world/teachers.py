@@ -78,9 +78,40 @@ def build_sd(vae_path: str | None = None, seed: int = 0):
                                    feature_extractor=None, requires_safety_checker=False)
 
 
+def null_t5(d_model: int):
+    """A placeholder third text encoder whose output is exactly zero, and its tokenizer.
+
+    StableDiffusion3Pipeline runs without T5 when ``text_encoder_3=None`` (it feeds zeros in
+    its place), but such a folder does not load with a plain ``from_pretrained``: diffusers
+    requires every component it does not list as optional. A one-layer T5 encoder whose final
+    RMS norm has weight 0 outputs those same zeros, so the pipeline computes exactly what it
+    would without T5, and the folder loads anywhere.
+    """
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -1.0) for w in WORDS]
+    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    tok = T5Tokenizer(vocab=vocab, extra_ids=0)
+    config = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=8, d_ff=16, num_layers=1,
+                      num_heads=1, pad_token_id=0, eos_token_id=1)
+    model = T5EncoderModel(config).eval()
+    with torch.no_grad():
+        model.encoder.final_layer_norm.weight.zero_()
+    return tok, model
+
+
+def attach_null_t5(pipe):
+    """Give an SD3 pipeline built with ``text_encoder_3=None`` the zero-output T5 above."""
+    if pipe.text_encoder_3 is None:
+        tok, t5 = null_t5(pipe.transformer.config.joint_attention_dim)
+        pipe.register_modules(text_encoder_3=t5, tokenizer_3=tok)
+    return pipe
+
+
 def build_sd3(vae_path: str | None = None, seed: int = 0):
-    """StableDiffusion3Pipeline: SD3Transformer2DModel, rectified flow, no T5 (text_encoder_3
-    is None, so the pipeline feeds zeros in its place)."""
+    """StableDiffusion3Pipeline: SD3Transformer2DModel, rectified flow, and in place of T5 a
+    placeholder encoder that outputs zeros (see :func:`null_t5`)."""
     from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
 
@@ -95,16 +126,17 @@ def build_sd3(vae_path: str | None = None, seed: int = 0):
     # shift 1: at 16x16 latents there is little low-frequency redundancy to push noise onto
     # (SD3's shift=3 is for 1024 px).
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
-    return StableDiffusion3Pipeline(
+    pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text, tokenizer=tok,
         text_encoder_2=text2, tokenizer_2=tok2, text_encoder_3=None, tokenizer_3=None)
+    return attach_null_t5(pipe)
 
 
 BUILDERS = {"sd": build_sd, "sd3": build_sd3}
 
 
 # -- training the SD3 teacher cheaply ---------------------------------------------------------
-# Without T5, StableDiffusion3Pipeline feeds 256 identical all-zero "T5" tokens after the CLIP
+# Without T5 (or with the null T5), StableDiffusion3Pipeline feeds 256 identical all-zero tokens after the CLIP
 # tokens. Identical context tokens stay identical through every joint block (per-token layers,
 # no positional embedding on the context stream), so in attention k copies of one token act
 # exactly like a single copy whose attention logit is raised by log(k). Training with one copy
