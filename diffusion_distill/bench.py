@@ -43,7 +43,7 @@ METRICS = ("fd", "kid", "precision", "recall", "alignment")
 
 def add_parser(sub):
     p = sub.add_parser("bench", help="benchmark a teacher and its students on one protocol",
-                       description=__doc__.split("\n\n")[0])
+                       description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("spec", help="a benchmark spec YAML (see benchmarks/specs/)")
     p.add_argument("--out", default=None, help="output folder (overrides the spec's out)")
     p.add_argument("--cache-dir", default=None, help="where reference features are cached")

@@ -30,7 +30,7 @@ REFERENCE_SEED = 0  # the real reference images' own seed, fixed so the cache is
 def add_parser(sub):
     p = sub.add_parser(
         "eval", help="score a teacher or student: FD/KID/precision/recall, alignment, NFE, speed",
-        description=__doc__.split("\n\n")[0])
+        description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("path", help="a diffusers pipeline folder, embedded:sd / embedded:sd3, or a "
                                 "student export folder (with distill_config.json)")
     p.add_argument("--steps", type=int, default=None,
