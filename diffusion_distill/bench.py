@@ -66,13 +66,23 @@ def load_spec(path: str) -> dict:
         # ValueError, not TypeError: the CLI shows ValueErrors to people without a traceback.
         raise ValueError(f"benchmark spec {path!r} must be a YAML mapping, got "  # noqa: TRY004
                          f"{type(spec).__name__}")
+    spec.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    return normalize_spec(spec, path)
+
+
+def normalize_spec(spec: dict, where: str = "the spec") -> dict:
+    """Check a spec dict and fill in its defaults (also for specs built in code).
+
+    Relative model paths stay relative to where the command runs, like every CLI path.
+    """
+    spec = dict(spec)
     unknown = sorted(set(spec) - set(SPEC_KEYS))
     if unknown:
         allowed = "\n".join(f"  {k}: {v}" for k, v in SPEC_KEYS.items())
-        raise ValueError(f"unknown key(s) {unknown} in {path}; a spec may hold:\n{allowed}")
+        raise ValueError(f"unknown key(s) {unknown} in {where}; a spec may hold:\n{allowed}")
     if not spec.get("teacher") and not spec.get("exports"):
-        raise ValueError(f"{path} names neither a teacher nor exports; give at least one")
-    spec.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+        raise ValueError(f"{where} names neither a teacher nor exports; give at least one")
+    spec.setdefault("name", "bench")
     spec.setdefault("teacher_steps", [50])
     spec.setdefault("exports", [])
     spec.setdefault("prompts", "single")
@@ -84,10 +94,9 @@ def load_spec(path: str) -> dict:
     spec.setdefault("real_baseline", True)
     bad = [m for m in spec["metrics"] if m not in METRICS]
     if bad:
-        raise ValueError(f"unknown metric(s) {bad} in {path}; available: {list(METRICS)}")
+        raise ValueError(f"unknown metric(s) {bad} in {where}; available: {list(METRICS)}")
     if isinstance(spec["teacher_steps"], int):
         spec["teacher_steps"] = [spec["teacher_steps"]]
-    # Relative model paths are relative to where the command runs, like every CLI path.
     return spec
 
 
@@ -142,6 +151,7 @@ def run_bench(spec: dict, out: str, cache_dir=None, rerun=False, progress=True,
     from .eval.cli import _write_json as write_json
     from .world.data import save_grid
 
+    spec = normalize_spec(spec)  # specs built in code get the same checks and defaults
     cells = cells_of(spec)
     os.makedirs(os.path.join(out, "cells"), exist_ok=True)
     os.makedirs(os.path.join(out, "grids"), exist_ok=True)

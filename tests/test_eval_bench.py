@@ -53,3 +53,15 @@ def test_bench_spec_errors(tmp_path):
     (tmp_path / "empty.yaml").write_text("num_samples: 8\n")
     with pytest.raises(ValueError, match="neither a teacher nor exports"):
         load_spec(str(tmp_path / "empty.yaml"))
+
+
+def test_specs_built_in_code_get_defaults():
+    """benchmarks/leaderboard.py passes a dict straight to run_bench: same checks, defaults."""
+    from diffusion_distill.bench import cells_of, normalize_spec
+
+    spec = normalize_spec({"teacher": "embedded:sd", "teacher_steps": 4})
+    assert spec["seed"] == 0 and spec["feature_size"] == 128 and spec["num_samples"] == 1000
+    assert [c["id"] for c in cells_of(spec)] == ["real-data-steps0-cfgdefault",
+                                                 "teacher-steps4-cfgdefault"]
+    with pytest.raises(ValueError, match="unknown key"):
+        normalize_spec({"teacher": "x", "nfe": [1]})
