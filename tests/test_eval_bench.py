@@ -24,6 +24,7 @@ def test_bench_runs_cells_writes_tables_and_resumes(tiny_sd_path, tmp_path, caps
     real = cells["real-data-steps0-cfgdefault"]
     # fresh real renders: the floor no model can beat; far below a random pipeline's FD
     assert real["complete"] and real["nfe"] == 0
+    assert real["alignment"]["whole_prompt"] == 1.0  # the classifier reads real renders right
     assert real["fd"] < cells["teacher-steps1-cfgdefault"]["fd"]
     assert cells["teacher-steps1-cfgdefault"]["nfe"] == 2  # 1 step x 2 (CFG)
     assert cells["teacher-steps1-cfgdefault"]["complete"]

@@ -21,6 +21,9 @@ def test_eval_cli_end_to_end_on_a_tiny_pipeline(tiny_sd_path, tmp_path, capsys):
     assert r["nfe"] == 4  # 2 steps x 2 (CFG at the pipeline's default guidance 7.5)
     assert r["feature_space"] == "efficientnet-lite0-imagenet@32px"
     assert set(r["kid"]) == {"mean", "std"} and r["fd"] >= 0
+    # The world's shipped classifier scores what each prompt asked (16 px samples -> 32 px).
+    assert 0.0 <= r["alignment"]["whole_prompt"] <= 1.0
+    assert {"shape", "color", "size", "position"} <= set(r["alignment"]["per_attribute"])
     assert os.path.isfile(tmp_path / "g.png")
     assert "not Inception" in capsys.readouterr().out
 
