@@ -14,9 +14,9 @@ without any third-party model code:
 
 Checked against the weights: every key of the file loads strictly, and on scikit-image's photos
 (224 px, squashed to square) the ImageNet top-1 is Egyptian cat (0.80) for ``chelsea``,
-espresso (0.86) for ``coffee`` and moped (0.47) for ``motorcycle_left``. TF "SAME" padding
-(below) gives these slightly higher confidences than torch's symmetric padding did, as the
-filters were trained with it. ``tests/test_eval.py`` repeats the photo check where
+espresso (0.86) for ``coffee`` and moped (0.47) for ``motorcycle_left``. The same top-1s come
+out with torch's symmetric padding too (cat confidence 0.64); TF "SAME" padding is kept because
+it is what the filters were trained with. ``tests/test_eval.py`` repeats the photo check where
 scikit-image is installed, and checks that the features separate procedural shape classes.
 
 Numbers computed in this feature space are NOT Inception FIDs and must never be reported as
