@@ -72,7 +72,9 @@ def test_resume_after_kill_equals_uninterrupted(tiny_sd_path, tmp_path):
     path.write_text(yaml.safe_dump(cut))
     proc = subprocess.Popen([PY, "-m", "diffusion_distill.cli", "train", str(path),
                              "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL,
+                            # the same thread count as this process: same float summation order
+                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     deadline = time.time() + 300
     while time.time() < deadline and not any(s >= 2 for s, _ in list_checkpoints(cut["output"]["dir"])):
         time.sleep(0.2)
