@@ -5,9 +5,19 @@ import os
 import pytest
 import torch
 
-from diffusion_distill.world.data import (COLORS, POSITIONS, SHAPES, SIZES, WORDS,
-                                          ImageFolderDataset, ShapesWorld, canonical_pair,
-                                          caption_for, eval_prompts, render_prompts)
+from diffusion_distill.world.data import (
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    WORDS,
+    ImageFolderDataset,
+    ShapesWorld,
+    canonical_pair,
+    caption_for,
+    eval_prompts,
+    render_prompts,
+)
 
 
 def test_batches_are_deterministic_and_seeded():
@@ -76,10 +86,9 @@ def test_pair_scene_geometry_matches_relation():
         img = render_prompts([lab])[0]
         red = (img[0] > 0.5) & (img[2] < 0)
         blue = (img[2] > 0.5) & (img[0] < 0)
-        coords = torch.arange(32.0)
-        def centre(mask):
+        def centre(mask, dim=dim):
             w = mask.float().sum(dim=dim)
-            return (w * coords).sum() / w.sum()
+            return (w * torch.arange(32.0)).sum() / w.sum()
         assert centre(red) < centre(blue)
 
 

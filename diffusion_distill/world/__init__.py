@@ -27,4 +27,4 @@ def embedded_teacher_path(name: str) -> str:
     return path
 
 
-__all__ = ["embedded_teacher_path", "ASSETS"]
+__all__ = ["ASSETS", "embedded_teacher_path"]

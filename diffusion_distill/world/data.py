@@ -401,7 +401,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         out = []
         for name in names:
             txt = os.path.join(self.path, os.path.splitext(name)[0] + ".txt")
-            out.append((name, open(txt).read().strip() if os.path.isfile(txt) else None))
+            caption = None
+            if os.path.isfile(txt):
+                with open(txt) as f:
+                    caption = f.read().strip()
+            out.append((name, caption))
         return out
 
     def _check(self, name: str, caption: str | None) -> str | None:
@@ -416,7 +420,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         try:
             with Image.open(file) as im:
                 im.verify()  # reads the whole file: catches truncated/corrupt images
-        except Exception as e:  # PIL raises many types for bad files
+        except Exception as e:  # noqa: BLE001 -- PIL raises many types for bad files
             return f"unreadable image ({type(e).__name__}: {e})"
         return None
 

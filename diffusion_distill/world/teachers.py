@@ -112,8 +112,11 @@ def attach_null_t5(pipe):
 def build_sd3(vae_path: str | None = None, seed: int = 0):
     """StableDiffusion3Pipeline: SD3Transformer2DModel, rectified flow, and in place of T5 a
     placeholder encoder that outputs zeros (see :func:`null_t5`)."""
-    from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
     tok, text = world_clip(hidden=32, projection=True, seed=seed)
     tok2, text2 = world_clip(hidden=32, projection=True, seed=seed + 1)

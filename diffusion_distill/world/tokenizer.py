@@ -7,6 +7,7 @@ tokenizes, character by character. Saved with the pipeline, it loads with plain 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -31,7 +32,7 @@ def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[
     pieces = list(pieces)
     while len(pieces) > 1:
         pairs = [(ranks.get((a, b), float("inf")), i)
-                 for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+                 for i, (a, b) in enumerate(itertools.pairwise(pieces))]
         rank, i = min(pairs)
         if rank == float("inf"):
             break

@@ -22,8 +22,8 @@ from .data import ShapesWorld, save_grid
 # 2 blocks -> downsampling factor 2. No mid-block attention: it is the only non-local layer,
 # and without it the VAE is fully convolutional, so it can be trained on crops (4x cheaper)
 # and still be exact on whole images.
-VAE_CONFIG = dict(latent_channels=4, block_out=(16, 32), mid_block_add_attention=False,
-                  sample_size=32)
+VAE_CONFIG = {"latent_channels": 4, "block_out": (16, 32), "mid_block_add_attention": False,
+              "sample_size": 32}
 
 
 def build_vae(seed: int = 0):
