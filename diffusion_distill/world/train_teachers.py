@@ -79,11 +79,26 @@ def save_pipeline(pipe, backbone_state, out):
     os.replace(tmp, out)
 
 
+def _load_denoiser(pipe, folder: str):
+    from safetensors.torch import load_file
+
+    sub = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    file = os.path.join(folder, sub, "diffusion_pytorch_model.safetensors")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"--init {folder!r}: no {sub} weights at {file}; expected a "
+                                "pipeline folder written by this script")
+    getattr(pipe, sub).load_state_dict(load_file(file))
+
+
 def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str | None = None,
                   pool: int | None = None, threads: int | None = None,
                   minutes: float | None = None, cache_dir: str | None = "runs",
-                  log=print) -> str:
-    """Train one embedded teacher; returns the folder of the saved pipeline."""
+                  init: str | None = None, log=print) -> str:
+    """Train one embedded teacher; returns the folder of the saved pipeline.
+
+    ``init``: a pipeline folder written by an earlier run; its denoiser weights start this
+    run (student and EMA), i.e. a second training stage on top of the first.
+    """
     from ..objectives import build_objective
     from ..recipe import load_recipe
     from ..student import Nets, SeparateRoles
@@ -100,6 +115,8 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
         raise ValueError(f"teacher.build must be a builder in {world_teachers.__name__}, got "
                          f"{recipe['teacher']['build']!r}")
     pipe = getattr(world_teachers, fn)(vae_path)
+    if init:
+        _load_denoiser(pipe, init)
     kwargs = {}
     if recipe["teacher"]["guidance"] is not None:
         kwargs["guidance_scale"] = recipe["teacher"]["guidance"]
@@ -188,9 +205,12 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest on a busy machine: no spin-waiting)")
     p.add_argument("--minutes", type=float, default=None, help="stop (and save) after this long")
+    p.add_argument("--init", default=None,
+                   help="start from this saved pipeline's denoiser (a second training stage)")
     a = p.parse_args(argv)
     print(train_teacher(a.name, a.overrides, out=a.out, vae_path=a.vae, pool=a.pool,
-                        threads=a.threads, minutes=a.minutes, log=lambda s: print(s, flush=True)))
+                        threads=a.threads, minutes=a.minutes, init=a.init,
+                        log=lambda s: print(s, flush=True)))
 
 
 if __name__ == "__main__":
