@@ -198,7 +198,9 @@ class Batches:
     def __call__(self, rng: Randomness, local_batch: int) -> dict:
         n = local_batch * rng.world
         images = None
-        if self.source == "world":
+        if self.source == "world" and not self.needs_data:
+            captions, _ = self.world.captions(n, seed=rng.seed())  # no rendering needed
+        elif self.source == "world":
             images, captions, _ = self.world.batch(n, seed=rng.seed())
         elif self.source == "prompts":
             index = torch.randint(len(self.prompt_list), (n,), generator=rng.gen).tolist()

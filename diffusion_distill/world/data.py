@@ -293,6 +293,12 @@ class ShapesWorld:
             images = F.interpolate(images, size=(self.resolution,) * 2, mode=mode).clamp(-1, 1)
         return images, captions, labels
 
+    def captions(self, n: int, seed: int = 0) -> tuple[list[str], list[dict]]:
+        """``n`` captions and labels without rendering: all a prompts-only objective needs."""
+        g = self.generator(int(seed))
+        labels = [sample_labels(g, self._kind(g)) for _ in range(n)]
+        return [caption_for(lab) for lab in labels], labels
+
     def __iter__(self):
         raise TypeError("ShapesWorld is unlimited; use world.stream(batch_size) or world.batch(n, i)")
 
