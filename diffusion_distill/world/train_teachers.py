@@ -136,7 +136,10 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
             world_teachers.RepeatedTokenJointAttention(collapse))
     opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]),
                             weight_decay=cfg["weight_decay"])
-    warmup = min(200, cfg["steps"] // 10 + 1)
+    # 200 warm-up steps for any real run (so a run stopped early at step N equals a run with
+    # train.steps=N: the learning rate is constant after warm-up); tiny test runs warm up
+    # over their first tenth.
+    warmup = 200 if cfg["steps"] >= 1000 else cfg["steps"] // 10 + 1
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
 
     out = out or os.path.join(recipe["output"]["dir"], "pipeline")
