@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint teachers bench leaderboard clean
+.PHONY: venv demo test lint leaderboard clean
 
 venv: $(STAMP)
 
@@ -24,10 +24,6 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check diffusion_distill tests benchmarks examples
-
-teachers: $(STAMP)
-	$(BIN)/ddistill train recipes/teachers/unet_eps.yaml
-	$(BIN)/ddistill train recipes/teachers/sd3_flow.yaml
 
 leaderboard: $(STAMP)
 	$(BIN)/python benchmarks/leaderboard.py
