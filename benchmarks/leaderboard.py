@@ -22,13 +22,13 @@ import platform
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# method -> (recipe stem, student steps)
+# method -> recipe stem (the student's step count is in each recipe)
 METHODS = {
-    "dmd2": ("dmd2_{t}", 1),
-    "dmd2_4step": ("dmd2_{t}_4step", 4),
-    "dmd2_gan": ("dmd2_gan_{t}", 1),
-    "decoupled_dmd": ("decoupled_dmd_{t}", 1),
-    "phased_dmd": ("phased_dmd_{t}", 2),
+    "dmd2": "dmd2_{t}",
+    "dmd2_4step": "dmd2_{t}_4step",
+    "dmd2_gan": "dmd2_gan_{t}",
+    "decoupled_dmd": "decoupled_dmd_{t}",
+    "phased_dmd": "phased_dmd_{t}",
 }
 TEACHER_GUIDANCE = 5.0
 
@@ -50,7 +50,7 @@ def main(argv=None):
     for t in args.teachers:
         exports = []
         for method in args.methods:
-            stem, steps = METHODS[method]
+            stem = METHODS[method]
             recipe_path = os.path.join(ROOT, "recipes", stem.format(t=t) + ".yaml")
             run_dir = os.path.join(ROOT, "runs", "leaderboard", stem.format(t=t))
             recipe = load_recipe(recipe_path, args.overrides + [f"output.dir={run_dir}"])

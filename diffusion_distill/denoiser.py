@@ -8,8 +8,8 @@ scale.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -32,15 +32,15 @@ class Cond:
     def __len__(self) -> int:
         return next(iter(self.tensors.values())).shape[0] if self.tensors else (self.batch or 0)
 
-    def __getitem__(self, index) -> "Cond":
+    def __getitem__(self, index) -> Cond:
         if not self.tensors:
             return Cond({}, batch=len(range(len(self))[index]) if isinstance(index, slice) else 1)
         return Cond({k: v[index] for k, v in self.tensors.items()})
 
-    def to(self, *args, **kwargs) -> "Cond":
+    def to(self, *args, **kwargs) -> Cond:
         return Cond({k: v.to(*args, **kwargs) for k, v in self.tensors.items()}, self.batch)
 
-    def expand(self, batch: int) -> "Cond":
+    def expand(self, batch: int) -> Cond:
         """A batch of ``batch`` copies of a single-sample Cond (used for the empty prompt)."""
         if len(self) == batch:
             return self
@@ -51,7 +51,7 @@ class Cond:
         return Cond({k: v.expand(batch, *v.shape[1:]) for k, v in self.tensors.items()})
 
     @staticmethod
-    def cat(conds: list["Cond"]) -> "Cond":
+    def cat(conds: list[Cond]) -> Cond:
         keys = conds[0].tensors.keys()
         if not keys:
             return Cond({}, batch=sum(len(c) for c in conds))

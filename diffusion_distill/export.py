@@ -67,7 +67,7 @@ def student_scheduler(teacher, student_times: list[float], stochastic: bool = Tr
     # A huge timestep_scaling puts LCM's boundary condition at c_skip=0, c_out=1 for every
     # t > 0: the scheduler then returns the network's x0 exactly, as the student was trained.
     config.update(timestep_scaling=1e6, prediction_type=teacher.denoiser.prediction_type)
-    steps = [int(round(float(teacher.schedule.model_time(torch.tensor(t))))) for t in student_times]
+    steps = [round(float(teacher.schedule.model_time(torch.tensor(t)))) for t in student_times]
     return "LCMScheduler", config, {"timesteps": steps}
 
 

@@ -50,7 +50,7 @@ class VPSchedule(Schedule):
         self.num_train_timesteps = len(alphas_cumprod)
 
     @classmethod
-    def from_scheduler(cls, scheduler) -> "VPSchedule":
+    def from_scheduler(cls, scheduler) -> VPSchedule:
         return cls(scheduler.alphas_cumprod)
 
     def _alphas_cumprod_at(self, t: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,7 @@ class FlowSchedule(Schedule):
         self.num_train_timesteps = num_train_timesteps
 
     @classmethod
-    def from_scheduler(cls, scheduler) -> "FlowSchedule":
+    def from_scheduler(cls, scheduler) -> FlowSchedule:
         return cls(int(scheduler.config.num_train_timesteps))
 
     def alpha_sigma(self, t):

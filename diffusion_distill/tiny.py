@@ -10,8 +10,7 @@ import torch
 
 from .world.tokenizer import make_clip_tokenizer
 
-WORDS = "a an the red green blue yellow small large circle square triangle left right of above " \
-        "below one two three cat dog photo".split()
+WORDS = ["a", "an", "the", "red", "green", "blue", "yellow", "small", "large", "circle", "square", "triangle", "left", "right", "of", "above", "below", "one", "two", "three", "cat", "dog", "photo"]
 
 
 def tiny_clip(hidden=32, layers=2, projection=False, vocab_words=WORDS, seed=0):
@@ -58,8 +57,11 @@ def tiny_sd(prediction_type="epsilon", sample_size=8, seed=0):
 
 
 def tiny_sd3(sample_size=8, seed=0):
-    from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
     tok, text = tiny_clip(projection=True, seed=seed)
     tok2, text2 = tiny_clip(projection=True, seed=seed + 1)
@@ -122,7 +124,7 @@ def tiny_sdxl(prediction_type="epsilon", sample_size=8, seed=0):
 
 
 def tiny_flux(guidance_embeds=True, seed=0):
-    from diffusers import FluxPipeline, FluxTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     tok, text = tiny_clip(projection=False, seed=seed)
     tok2, text2 = tiny_t5(seed=seed + 1)
@@ -144,8 +146,12 @@ def tiny_flux(guidance_embeds=True, seed=0):
 def tiny_pixart(sample_size=8, seed=0, alpha=False):
     """PixArt-Sigma, or with ``alpha=True`` PixArt-Alpha with its 1024-px micro-conditions
     (resolution and aspect ratio), which the real model only uses at sample_size 128."""
-    from diffusers import (DDIMScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline,
-                           PixArtTransformer2DModel)
+    from diffusers import (
+        DDIMScheduler,
+        PixArtAlphaPipeline,
+        PixArtSigmaPipeline,
+        PixArtTransformer2DModel,
+    )
 
     tok, text = tiny_t5(seed=seed)
     torch.manual_seed(seed)
@@ -190,8 +196,12 @@ def tiny_gemma2(hidden=32, layers=2, vocab_words=WORDS, seed=0):
 
 
 def tiny_sana(sample_size=8, seed=0):
-    from diffusers import (AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline,
-                           SanaTransformer2DModel)
+    from diffusers import (
+        AutoencoderDC,
+        DPMSolverMultistepScheduler,
+        SanaPipeline,
+        SanaTransformer2DModel,
+    )
 
     tok, text = tiny_gemma2(seed=seed)
     torch.manual_seed(seed)

@@ -401,7 +401,7 @@ def _all_reduce_mean(params):
 def _tensorboard(run_dir):
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard is optional
+    except Exception:  # noqa: BLE001  tensorboard is optional (and its import can fail oddly)
         return None
     return SummaryWriter(os.path.join(run_dir, "tb"))
 

@@ -22,7 +22,8 @@ def test_plain_diffusers_reproduces_student(family, steps, method, tiny_sd_path,
     recipe["student"]["num_steps"] = steps
     run_dir, nets = train(recipe, progress=False, return_nets=True)
     export = os.path.join(run_dir, "export")
-    config = json.load(open(os.path.join(export, "distill_config.json")))
+    with open(os.path.join(export, "distill_config.json")) as f:
+        config = json.load(f)
     assert config["call"]["num_inference_steps"] == steps
     weights = "expert_0/pytorch_lora_weights.safetensors" if method == "phased_dmd" else \
         "pytorch_lora_weights.safetensors"

@@ -61,7 +61,7 @@ def test_switching_never_alters_the_teacher():
 
 
 def test_ema_tracks_the_student():
-    teacher, roles, nets = _setup(tiny_sd)
+    _, roles, _ = _setup(tiny_sd)
     _perturb(roles, "student")
     for _ in range(200):
         roles.update_ema(0.9)

@@ -329,7 +329,6 @@ class PhasedDMD(DMD2):
             x_tau, _ = self._subinterval_pair(nets.schedule, x_s.detach(), s, tau, ctx)
             real = nets.teacher(x_tau, tau, cond, guidance=self.guidance)
             fake = nets.critic(x_tau, tau, cond)
-            alpha_t, _ = nets.schedule.alpha_sigma(tau)
             alpha_s, _ = nets.schedule.alpha_sigma(torch.full_like(tau, s))
             # Scores differ by alpha_tau (x0_fake - x0_real) / sigma^2; carried back to x_s
             # through d x_tau / d x_s = alpha_tau / alpha_s, normalised per sample as in DMD.

@@ -93,5 +93,12 @@ def load_teacher(path_or_pipe, **kwargs) -> Teacher:
     return teacher_from_pipeline(pipe, path=path, **kwargs)
 
 
-__all__ = ["Teacher", "PromptCache", "load_teacher", "load_pipeline", "teacher_from_pipeline",
-           "custom_teacher", "FAMILIES"]
+__all__ = [
+    "FAMILIES",
+    "PromptCache",
+    "Teacher",
+    "custom_teacher",
+    "load_pipeline",
+    "load_teacher",
+    "teacher_from_pipeline",
+]

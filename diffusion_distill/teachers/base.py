@@ -8,7 +8,7 @@ latents. Family files (``sd.py``, ``sd3.py``, ...) each build one from a diffuse
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
