@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import sys
 
 import torch
 
@@ -67,7 +68,8 @@ def main(argv=None):
                 "alignment", "seconds_per_image", "feature_space")}})
     info = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or
             platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "command": "python benchmarks/leaderboard.py " + " ".join(argv or []),
+            "command": "python benchmarks/leaderboard.py " + " ".join(
+                sys.argv[1:] if argv is None else argv),
             "rows": rows}
     with open(os.path.join(args.out, "leaderboard.json"), "w") as f:
         json.dump(info, f, indent=2, default=str)
