@@ -7,6 +7,7 @@ renamed, so a run killed mid-write keeps its last good checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -33,13 +34,29 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return found[-1][1] if found else None
 
 
+@contextlib.contextmanager
+def atomic_dir(final: str):
+    """Yield a temporary folder beside ``final``; on success it replaces ``final`` by rename.
+
+    A crash or kill mid-write leaves ``final`` as it was (and no half-written folder).
+    """
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp_", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_checkpoint(run_dir: str, step: int, weights: dict[str, dict[str, torch.Tensor]],
                     optimizers: dict, state: dict, keep: int = 2) -> str:
-    root = os.path.join(run_dir, "checkpoints")
-    os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, f"step_{step:07d}")
-    tmp = tempfile.mkdtemp(prefix=".tmp_step_", dir=root)
-    try:
+    final = os.path.join(run_dir, "checkpoints", f"step_{step:07d}")
+    with atomic_dir(final) as tmp:
         flat = {f"{role}/{k}": v.detach().cpu().contiguous()
                 for role, sd in weights.items() for k, v in sd.items()}
         save_file(flat, os.path.join(tmp, "weights.safetensors"))
@@ -47,12 +64,6 @@ def save_checkpoint(run_dir: str, step: int, weights: dict[str, dict[str, torch.
                    os.path.join(tmp, "optimizers.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({**state, "step": step}, f, indent=1)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for _, old in list_checkpoints(run_dir)[:-keep] if keep else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

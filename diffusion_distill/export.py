@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 
@@ -83,6 +81,7 @@ def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = No
     """Write the export folder (atomically: a temp folder renamed into place)."""
     from safetensors.torch import save_file
 
+    from .checkpoint import atomic_dir
     from .student import SharedBaseRoles
     from .train import student_times as recipe_times
 
@@ -98,8 +97,6 @@ def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = No
         role = wanted if wanted in nets.roles._params else "student"
     component = _component(teacher.pipe)
     pipe_cls = type(teacher.pipe)
-    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export_", dir=os.path.dirname(os.path.abspath(out_dir)))
 
     def write(role_name, folder):
         os.makedirs(folder, exist_ok=True)
@@ -115,7 +112,7 @@ def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = No
             save_file({k: v.contiguous() for k, v in kohya.items()},
                       os.path.join(folder, "pytorch_lora_weights_kohya.safetensors"))
 
-    try:
+    with atomic_dir(out_dir) as tmp:
         if experts:
             for i, expert in enumerate(experts):
                 write(expert, os.path.join(tmp, f"expert_{i}"))
@@ -141,12 +138,6 @@ def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = No
         }
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=1, default=str)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
