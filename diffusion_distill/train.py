@@ -120,7 +120,7 @@ def student_times(recipe, teacher) -> list[float]:
     s = recipe["student"]
     times = [float(t) for t in s["timesteps"]] if s["timesteps"] else \
         student_timesteps(s["num_steps"], teacher.schedule)
-    if teacher.schedule.kind == "vp":
+    if teacher.schedule.kind == "vp" and teacher.pipe is not None:  # custom: continuous t
         n = teacher.schedule.num_train_timesteps - 1
         times = [round(t * n) / n for t in times]
     return times
