@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,world]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,world,plots]'
 	touch $(STAMP)
 
 demo: $(STAMP)

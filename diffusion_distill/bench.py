@@ -36,6 +36,7 @@ SPEC_KEYS = {
     "batch_size": "prompts per pipeline call (default 50)",
     "metrics": "table columns, from fd, kid, precision, recall, alignment (default all)",
     "real_baseline": "also score fresh real renders, the metrics' floor (default true)",
+    "latency": "{batch_sizes: [1, 16], repeats: 3} timed sampling per model; false: none",
     "out": "output folder (default benchmarks/results/<name>)",
 }
 METRICS = ("fd", "kid", "precision", "recall", "alignment")
@@ -92,6 +93,17 @@ def normalize_spec(spec: dict, where: str = "the spec") -> dict:
     spec.setdefault("batch_size", 50)
     spec.setdefault("metrics", list(METRICS))
     spec.setdefault("real_baseline", True)
+    latency = spec.setdefault("latency", {})
+    if latency not in (False, None):
+        if not isinstance(latency, dict) or set(latency) - {"batch_sizes", "repeats"}:
+            raise ValueError(f"latency in {where} must be false or a mapping with batch_sizes "
+                             f"and repeats, got {latency!r}")
+        latency = {"batch_sizes": [int(b) for b in latency.get("batch_sizes", [1, 16])],
+                   "repeats": int(latency.get("repeats", 3))}
+        if min(latency["batch_sizes"], default=0) < 1 or latency["repeats"] < 1:
+            raise ValueError(f"latency in {where}: batch sizes and repeats must be >= 1, got "
+                             f"{latency}")
+        spec["latency"] = latency
     bad = [m for m in spec["metrics"] if m not in METRICS]
     if bad:
         raise ValueError(f"unknown metric(s) {bad} in {where}; available: {list(METRICS)}")
@@ -194,7 +206,14 @@ def run_bench(spec: dict, out: str, cache_dir=None, rerun=False, progress=True,
             result["grid"] = os.path.relpath(grid, out)
         write_json(cell_file, result)
         results[c["id"]] = result
+    if spec["latency"]:
+        for c in cells:
+            if c["path"] is None or not results[c["id"]].get("complete"):
+                continue
+            results[c["id"]]["latency"] = _cell_latency(c, spec, out, protocol, loaded, rerun,
+                                                        log)
     rows = [results[c["id"]] for c in cells]
+    add_speedups(rows)
     summary = {"spec": spec, "protocol": described, "complete": all(r.get("complete")
                                                                     for r in rows),
                "machine": machine(), "cells": rows}
@@ -202,7 +221,7 @@ def run_bench(spec: dict, out: str, cache_dir=None, rerun=False, progress=True,
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(markdown_table(summary, spec["metrics"]))
     overview(rows, out)
-    plots(rows, out, log)
+    plots(rows, out, run_logs(spec), log)
     return summary
 
 
@@ -229,6 +248,95 @@ def evaluate_real(protocol, batch_size=50, progress=True):
     head = {"model": "real-data", "model_kind": "real", "pipeline": None, "steps": 0,
             "guidance": None, **protocol.describe()}
     return {**head, **result}, images
+
+
+# -- latency -------------------------------------------------------------------------------
+def _cell_latency(c, spec, out, protocol, loaded, rerun, log) -> dict:
+    """The cell's timings at each batch size, from its own file when made with the same
+    settings (so a resumed benchmark does not time a finished cell again)."""
+    from .eval.cli import _write_json as write_json
+    from .eval.cli import load_model
+
+    path = os.path.join(out, "cells", f"{c['id']}.latency.json")
+    settings = {**spec["latency"], "device": _device_name()}
+    if not rerun and os.path.isfile(path):
+        with open(path) as f:
+            done = json.load(f)
+        if done.get("settings") == settings:
+            return done["by_batch_size"]
+    key = (c["path"], c.get("teacher"))
+    if key not in loaded:
+        loaded.clear()
+        loaded[key] = load_model(c["path"], c.get("teacher") if c["model"] != "teacher"
+                                 else None)
+    log(f"[bench] {c['id']}: timing batch sizes {spec['latency']['batch_sizes']} ...")
+    by_bs = measure_latency(loaded[key], c["steps"], c["guidance"], protocol.prompts,
+                            spec["latency"]["batch_sizes"], spec["latency"]["repeats"])
+    write_json(path, {"settings": settings, "by_batch_size": by_bs})
+    return by_bs
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu x{torch.get_num_threads()} threads"
+
+
+def measure_latency(loaded, steps, guidance, prompts, batch_sizes=(1, 16), repeats=3) -> dict:
+    """Wall time of the plain diffusers call, per batch size: one untimed warm-up call (lazy
+    initialisation, allocator growth, cudnn autotuning), then the median of ``repeats`` timed
+    calls, synchronised on CUDA. Decoding is included: it is what a user waits for.
+
+    Returns ``{str(batch_size): {seconds_per_batch, seconds_per_image, images_per_second,
+    peak_memory_gb (CUDA only)}}``.
+    """
+    from .eval.cli import backbone_of, make_sample_fn
+
+    call, pipe, kind, defaults = loaded
+    if kind == "teacher" and steps is None:
+        steps = defaults["steps"]
+    sample_fn = make_sample_fn(call, steps, guidance)
+    backbone = backbone_of(pipe)
+    cuda = backbone is not None and next(backbone.parameters()).is_cuda
+    results = {}
+    for bs in batch_sizes:
+        batch = [prompts[i % len(prompts)] for i in range(bs)]
+        seeds = list(range(bs))
+        sample_fn(batch, seeds)  # warm-up
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            sample_fn(batch, seeds)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        per_batch = sorted(times)[len(times) // 2]
+        row = {"seconds_per_batch": per_batch, "seconds_per_image": per_batch / bs,
+               "images_per_second": bs / per_batch, "repeats": repeats}
+        if cuda:
+            row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        results[str(bs)] = row
+    return results
+
+
+def add_speedups(rows: list[dict]):
+    """Beside each model's latency, its speedup over the teacher's default sampler (the first
+    teacher cell) and the NFE ratio that would predict it; the gap between the two is the
+    fixed cost (text encoding, VAE decoding, Python) that fewer steps do not remove."""
+    ref = next((r for r in rows if r.get("model_kind") == "teacher" and r.get("latency")), None)
+    if ref is None:
+        return
+    for r in rows:
+        if not r.get("latency"):
+            continue
+        r["nfe_ratio"] = (ref["nfe"] / r["nfe"]) if r.get("nfe") and ref.get("nfe") else None
+        for bs, row in r["latency"].items():
+            base = ref["latency"].get(bs)
+            row["speedup"] = (base["seconds_per_image"] / row["seconds_per_image"]
+                              if base else None)
 
 
 def machine() -> dict:
@@ -274,6 +382,32 @@ def markdown_table(summary: dict, metrics=METRICS) -> str:
             samples += " (incomplete" + (f": {r['error']}" if r.get("error") else "") + ")"
         row += [num(r.get("seconds_per_image"), ".4f"), samples]
         lines.append("| " + " | ".join(row) + " |")
+    timed = [r for r in summary["cells"] if r.get("latency")]
+    if timed:
+        sizes = sorted({bs for r in timed for bs in r["latency"]}, key=int)
+        head = ["model", "steps", "NFE", "NFE ratio"]
+        for bs in sizes:
+            head += [f"s/image @{bs}", f"images/s @{bs}", f"speedup @{bs}"]
+        gpu = any("peak_memory_gb" in row for r in timed for row in r["latency"].values())
+        if gpu:
+            head += [f"peak GB @{bs}" for bs in sizes]
+        lines += ["", "## Latency", "",
+                  ("Wall time of the plain diffusers call (text encoding, sampling, VAE "
+                   "decoding), median of repeated calls after a warm-up. Speedup is against the "
+                   "teacher's first (default) sampler; the NFE ratio is what fewer steps alone "
+                   "would predict."), "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in timed:
+            row = [r.get("model", "?"), str(r.get("steps", "-")), num(r.get("nfe"), "g"),
+                   num(r.get("nfe_ratio"), ".1f")]
+            for bs in sizes:
+                t = r["latency"].get(bs, {})
+                row += [num(t.get("seconds_per_image"), ".4f"),
+                        num(t.get("images_per_second"), ".1f"), num(t.get("speedup"), ".1f")]
+            if gpu:
+                row += [num(r["latency"].get(bs, {}).get("peak_memory_gb"), ".2f")
+                        for bs in sizes]
+            lines.append("| " + " | ".join(row) + " |")
     m = summary["machine"]
     lines += ["", (f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} "
               f"({m['torch_threads']} threads), CUDA {'yes' if m['cuda'] else 'no'}. "
@@ -310,36 +444,117 @@ def overview(rows: list[dict], out: str, per_row: int = 8, scale: int = 3):
     return path
 
 
-def plots(rows: list[dict], out: str, log=print):
-    """FD and recall against NFE, one line per model, when matplotlib is installed."""
+def run_logs(spec: dict) -> dict[str, list[dict]]:
+    """Each export's training-time evaluations (``eval.jsonl``, written every
+    ``train.eval_every`` steps): from the export's ``log`` entry, or beside the export in its
+    run folder (``<run>/export`` -> ``<run>/eval.jsonl``)."""
+    logs = {}
+    for e in spec.get("exports", []):
+        e = {"path": e} if isinstance(e, str) else e
+        name = e.get("name") or os.path.basename(os.path.normpath(e["path"]))
+        path = e.get("log") or os.path.join(os.path.dirname(os.path.normpath(e["path"])),
+                                            "eval.jsonl")
+        if os.path.isfile(path):
+            with open(path) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            logs[name] = [r for r in rows if "step" in r]
+    return logs
+
+
+def plots(rows: list[dict], out: str, logs: dict | None = None, log=print) -> list[str]:
+    """The report's figures (PNG, matplotlib):
+
+    * ``metrics_vs_nfe.png``: FD, alignment and recall against NFE, a line per model;
+    * ``fd_vs_step.png``: FD (and alignment) of each student during training, from run logs;
+    * ``alignment_vs_recall.png``: prompt following against diversity, a point per cell;
+    * ``speedup_vs_nfe.png``: measured speedup over the teacher beside the NFE ratio.
+    The real-data row is drawn as the floor (dashed) where it applies.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("[bench] matplotlib not installed: no plots; see results.md and overview.png")
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    for model in models:
-        pts = sorted((r["nfe"], r.get("fd"), r.get("recall")) for r in rows
-                     if r["model"] == model and r.get("nfe") and r.get("fd") is not None)
-        if pts:
-            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=model)
-            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=model)
+        log("[bench] matplotlib not installed (pip install 'diffusion_distill[plots]'): no "
+            "plots; see results.md and overview.png")
+        return []
+    written = []
     space = next((r.get("feature_space") for r in rows if r.get("feature_space")), "?")
-    for ax, what in zip(axes, ("Fréchet distance", "recall")):
+    real = next((r for r in rows if r.get("model_kind") == "real" and r.get("complete")), None)
+    scored = [r for r in rows if r.get("nfe") and r.get("complete")]
+    models = list(dict.fromkeys(r["model"] for r in scored))
+
+    def value(r, m):
+        return (r.get("alignment") or {}).get("whole_prompt") if m == "alignment" else r.get(m)
+
+    def save(fig, name):
+        fig.tight_layout()
+        path = os.path.join(out, name)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    if scored:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+        for ax, (m, label) in zip(axes, (("fd", f"Fréchet distance ({space}, not FID)"),
+                                         ("alignment", "whole-prompt alignment"),
+                                         ("recall", "recall"))):
+            for model in models:
+                pts = sorted((r["nfe"], value(r, m)) for r in scored
+                             if r["model"] == model and value(r, m) is not None)
+                if pts:
+                    ax.plot(*zip(*pts), "o-", label=model)
+            if real and value(real, m) is not None:
+                ax.axhline(value(real, m), ls="--", c="gray", lw=1, label="real data")
+            ax.set_xscale("log")
+            ax.set_xlabel("NFE per image")
+            ax.set_title(label, fontsize=9)
+        axes[-1].legend(fontsize=7)
+        save(fig, "metrics_vs_nfe.png")
+
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for r in scored:
+            if r.get("recall") is not None and value(r, "alignment") is not None:
+                ax.scatter(r["recall"], value(r, "alignment"))
+                ax.annotate(f"{r['model']} ({r['nfe']:.0f})", (r["recall"], value(r, "alignment")),
+                            fontsize=7)
+        ax.set_xlabel("recall (diversity)")
+        ax.set_ylabel("whole-prompt alignment")
+        ax.set_title("alignment vs recall (NFE in brackets)", fontsize=9)
+        save(fig, "alignment_vs_recall.png")
+
+    timed = [r for r in rows if r.get("latency") and r.get("nfe_ratio")]
+    if timed:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for bs in sorted({bs for r in timed for bs in r["latency"]}, key=int):
+            pts = sorted((r["nfe_ratio"], r["latency"][bs]["speedup"]) for r in timed
+                         if bs in r["latency"] and r["latency"][bs].get("speedup"))
+            if pts:
+                ax.plot(*zip(*pts), "o", label=f"batch {bs}")
+        top = max(r["nfe_ratio"] for r in timed)
+        ax.plot([1, top], [1, top], ls="--", c="gray", lw=1, label="speedup = NFE ratio")
         ax.set_xscale("log")
-        ax.set_xlabel("NFE per image")
-        ax.set_ylabel(what)
-    axes[0].set_title(f"FD in {space} (not FID)", fontsize=8)
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(out, "fd_recall_vs_nfe.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE ratio (teacher / model)")
+        ax.set_ylabel("measured speedup per image")
+        ax.legend(fontsize=7)
+        save(fig, "speedup_vs_nfe.png")
+
+    curves = {k: v for k, v in (logs or {}).items() if any(r.get("fd") is not None for r in v)}
+    if curves:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+        for name, log_rows in curves.items():
+            pts = [(r["step"], r.get("fd"), value(r, "alignment")) for r in log_rows]
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=name)
+        for ax, label in zip(axes, (f"FD ({space}) during training",
+                                    "alignment during training")):
+            ax.set_xlabel("training step")
+            ax.set_title(label, fontsize=9)
+        axes[1].legend(fontsize=7)
+        save(fig, "fd_vs_step.png")
+    return written
 
 
 def _cli(args) -> int:

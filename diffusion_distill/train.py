@@ -14,6 +14,7 @@ one, and a 2-process run equal a 1-process run with the same global batch.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -218,6 +219,18 @@ class Batches:
 
 # -- the loop ---------------------------------------------------------------------------
 
+def lr_factor(step: int, steps: int, final: float | None, warmup: int = 0) -> float:
+    """The learning-rate multiplier at ``step``: linear warm-up over ``warmup`` steps, then
+    constant (``final`` None) or a cosine from 1 to ``final`` at the last step.
+
+    A function of the step alone, so a resumed run follows the same schedule."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if final is None:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, steps - 1 - warmup))
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
 def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
           networks=None, return_nets: bool = False):
     """Run (or resume) a recipe; returns the run folder (and the nets, if asked).
@@ -308,12 +321,15 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
                         touched.append(role)
             for k, v in ctx.logs.items():
                 logs[k] = logs.get(k, 0.0) + v / cfg["grad_accum"]
+        factor = lr_factor(step, cfg["steps"], cfg["lr_final"])
         for role in touched:
             params = nets.params(role)
             if world > 1:
                 _all_reduce_mean(params)
             if cfg["clip_grad"]:
                 torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad"])
+            for group in optimizers[role].param_groups:
+                group["lr"] = lrs[role] * factor
             optimizers[role].step()
             optimizers[role].zero_grad(set_to_none=True)
         if "student" in touched and nets.roles.ema_of:

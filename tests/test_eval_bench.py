@@ -8,9 +8,10 @@ import yaml
 def test_bench_runs_cells_writes_tables_and_resumes(tiny_sd_path, tmp_path, capsys):
     from diffusion_distill.cli import main
 
-    spec = {"name": "tiny", "teacher": tiny_sd_path, "teacher_steps": [1],
+    spec = {"name": "tiny", "teacher": tiny_sd_path, "teacher_steps": [2, 1],
             "exports": [{"name": "missing", "path": str(tmp_path / "no_export")}],
-            "num_samples": 8, "feature_size": 32, "batch_size": 8}
+            "num_samples": 8, "feature_size": 32, "batch_size": 8,
+            "latency": {"batch_sizes": [1, 4], "repeats": 1}}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     argv = ["bench", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out"),
             "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
@@ -19,8 +20,8 @@ def test_bench_runs_cells_writes_tables_and_resumes(tiny_sd_path, tmp_path, caps
     out = tmp_path / "out"
     summary = json.loads((out / "results.json").read_text())
     cells = {c["cell"]: c for c in summary["cells"]}
-    assert set(cells) == {"real-data-steps0-cfgdefault", "teacher-steps1-cfgdefault",
-                          "missing-stepsown-cfgdefault"}
+    assert set(cells) == {"real-data-steps0-cfgdefault", "teacher-steps2-cfgdefault",
+                          "teacher-steps1-cfgdefault", "missing-stepsown-cfgdefault"}
     real = cells["real-data-steps0-cfgdefault"]
     # fresh real renders: the floor no model can beat; far below a random pipeline's FD
     assert real["complete"] and real["nfe"] == 0
@@ -30,16 +31,31 @@ def test_bench_runs_cells_writes_tables_and_resumes(tiny_sd_path, tmp_path, caps
     assert cells["teacher-steps1-cfgdefault"]["complete"]
     assert "does not exist" in cells["missing-stepsown-cfgdefault"]["error"]
     md = (out / "results.md").read_text()
-    assert "NOT Inception" in md and md.count("| teacher |") == 1 and "incomplete" in md
+    assert "NOT Inception" in md and md.count("| teacher |") == 4 and "incomplete" in md  # 2 cells x 2 tables
     assert (out / "grids" / "teacher-steps1-cfgdefault.png").is_file()
     assert (out / "overview.png").is_file()
+    for plot in ("metrics_vs_nfe.png", "alignment_vs_recall.png", "speedup_vs_nfe.png"):
+        assert (out / plot).stat().st_size > 1000, plot
+
+    # Latency at each batch size; speedups are against the first (default) teacher cell.
+    two, one = cells["teacher-steps2-cfgdefault"], cells["teacher-steps1-cfgdefault"]
+    assert set(one["latency"]) == {"1", "4"} and "latency" not in real
+    assert two["latency"]["4"]["speedup"] == pytest.approx(1.0)
+    assert one["nfe_ratio"] == pytest.approx(2.0)
+    for bs in ("1", "4"):
+        t = one["latency"][bs]
+        assert t["images_per_second"] == pytest.approx(1 / t["seconds_per_image"])
+        assert t["speedup"] == pytest.approx(two["latency"][bs]["seconds_per_image"]
+                                             / t["seconds_per_image"])
+    assert "## Latency" in md and "speedup @4" in md
 
     # Second run: finished cells are read back, not recomputed.
     first = (out / "cells" / "teacher-steps1-cfgdefault.json").read_text()
     capsys.readouterr()
     assert main(argv) == 1
     log = capsys.readouterr().out
-    assert log.count("finished earlier, kept") == 2
+    assert log.count("finished earlier, kept") == 3
+    assert "timing" not in log  # latency files are reused too
     assert (out / "cells" / "teacher-steps1-cfgdefault.json").read_text() == first
 
 
@@ -66,3 +82,22 @@ def test_specs_built_in_code_get_defaults():
                                                  "teacher-steps4-cfgdefault"]
     with pytest.raises(ValueError, match="unknown key"):
         normalize_spec({"teacher": "x", "nfe": [1]})
+    with pytest.raises(ValueError, match="batch sizes and repeats must be >= 1"):
+        normalize_spec({"teacher": "x", "latency": {"batch_sizes": [0]}})
+    assert normalize_spec({"teacher": "x", "latency": False})["latency"] is False
+
+
+def test_training_curves_come_from_run_logs(tmp_path):
+    """FD against training step is drawn from each export's eval.jsonl, with no sampling."""
+    from diffusion_distill.bench import plots, run_logs
+
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    rows = [{"step": s, "fd": 100.0 / s, "alignment": {"whole_prompt": s / 400}}
+            for s in (100, 200, 300)]
+    (run / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    logs = run_logs({"exports": [{"name": "dmd2", "path": str(run / "export")},
+                                 str(tmp_path / "elsewhere" / "export")]})
+    assert list(logs) == ["dmd2"] and [r["step"] for r in logs["dmd2"]] == [100, 200, 300]
+    written = plots([], str(tmp_path), logs, log=lambda *_: None)
+    assert [p.rsplit("/", 1)[-1] for p in written] == ["fd_vs_step.png"]

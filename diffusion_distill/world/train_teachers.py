@@ -103,7 +103,7 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
     from ..recipe import load_recipe
     from ..student import Nets, SeparateRoles
     from ..teachers import teacher_from_pipeline
-    from ..train import Randomness, StepContext
+    from ..train import Randomness, StepContext, lr_factor
     from . import teachers as world_teachers
 
     if threads:
@@ -140,7 +140,8 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
     # train.steps=N: the learning rate is constant after warm-up); tiny test runs warm up
     # over their first tenth.
     warmup = 200 if cfg["steps"] >= 1000 else cfg["steps"] // 10 + 1
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, cfg["steps"], cfg["lr_final"], warmup))
 
     out = out or os.path.join(recipe["output"]["dir"], "pipeline")
     run_dir = os.path.dirname(out) or "."
