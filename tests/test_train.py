@@ -62,7 +62,8 @@ def _weights(run_dir):
 
 
 def test_resume_after_kill_equals_uninterrupted(tiny_sd_path, tmp_path):
-    steps = {"steps": 6, "checkpoint_every": 2}
+    # lr_final: the decaying learning rate must also resume where it stopped
+    steps = {"steps": 6, "checkpoint_every": 2, "lr_final": 0.1}
     full = tiny_recipe(tiny_sd_path, tmp_path / "full", **steps)
     train(full, progress=False)
 
@@ -87,6 +88,19 @@ def test_resume_after_kill_equals_uninterrupted(tiny_sd_path, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_lr_factor_warms_up_then_decays_to_its_final_fraction():
+    from diffusion_distill.train import lr_factor
+
+    assert [lr_factor(s, 100, None) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    assert lr_factor(0, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(99, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(49, 100, 0.0) == pytest.approx(0.5, abs=0.02)  # cosine: half-way at mid-run
+    decay = [lr_factor(s, 100, 0.1, warmup=10) for s in range(100)]
+    assert decay[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert all(a >= b for a, b in zip(decay[9:], decay[10:]))  # monotone after warm-up
+    assert decay[-1] == pytest.approx(0.1)
 
 
 class Exploding(Objective):

@@ -62,13 +62,15 @@ def build_sd(vae_path: str | None = None, seed: int = 0):
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=4, out_channels=4,
-        # Two levels: 16x16 convolutions, then 8x8 with self- and cross-attention, where the
-        # whole scene fits in 64 tokens. (Attention at 16x16 doubled the CPU step time; a
-        # three-level variant learnt more slowly in the time there was.)
-        block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8)
+        # Three levels: 16x16 convolutions, then 8x8 and 4x4 with self- and cross-attention.
+        # The 4x4 level is what lets a UNet place things: it has no positional embedding, and
+        # only at 4x4 does every cell see the zero padding of the border, which tells "left"
+        # from "center". (A two-level 16/8 UNet learnt shape and colour but put shapes at
+        # random positions: 0.34 position accuracy after 51 minutes.)
+        block_out_channels=(32, 64, 96), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               prediction_type="epsilon", clip_sample=False,
                               set_alpha_to_one=False, timestep_spacing="trailing",
