@@ -37,6 +37,8 @@ SPEC_KEYS = {
     "metrics": "table columns, from fd, kid, precision, recall, alignment (default all)",
     "real_baseline": "also score fresh real renders, the metrics' floor (default true)",
     "latency": "{batch_sizes: [1, 16], repeats: 3} timed sampling per model; false: none",
+    "standard": ("the standard protocol instead of the world's: {prompts, num_samples, "
+                 "inception, clip, reference, fid_backend, metrics} (Inception FID, CLIP score)"),
     "out": "output folder (default benchmarks/results/<name>)",
 }
 METRICS = ("fd", "kid", "precision", "recall", "alignment")
@@ -109,13 +111,16 @@ def normalize_spec(spec: dict, where: str = "the spec") -> dict:
         raise ValueError(f"unknown metric(s) {bad} in {where}; available: {list(METRICS)}")
     if isinstance(spec["teacher_steps"], int):
         spec["teacher_steps"] = [spec["teacher_steps"]]
+    if spec.get("standard") is not None and not isinstance(spec["standard"], dict):
+        raise ValueError(f"standard in {where} must be a mapping (prompts, inception, clip, "
+                         f"reference, ...), got {spec['standard']!r}")
     return spec
 
 
 def cells_of(spec: dict) -> list[dict]:
     """Every (model, steps, guidance) to evaluate, teacher first, in spec order."""
     cells = []
-    if spec.get("real_baseline"):
+    if spec.get("real_baseline") and not spec.get("standard"):
         # Real images from another seed, scored like a model: the best any model can reach at
         # this sample count (FD is biased upward at finite n, recall below 1).
         cells.append({"model": "real-data", "path": None, "steps": 0, "guidance": None})
@@ -167,18 +172,28 @@ def run_bench(spec: dict, out: str, cache_dir=None, rerun=False, progress=True,
     cells = cells_of(spec)
     os.makedirs(os.path.join(out, "cells"), exist_ok=True)
     os.makedirs(os.path.join(out, "grids"), exist_ok=True)
-    protocol = Protocol(spec["num_samples"], spec["prompts"], spec["seed"],
-                        spec["feature_size"], cache_dir)
+    if spec.get("standard"):
+        protocol = StandardProtocol(spec, out)
+    else:
+        protocol = Protocol(spec["num_samples"], spec["prompts"], spec["seed"],
+                            spec["feature_size"], cache_dir)
     described = protocol.describe()
     results, loaded = {}, {}
-    for c in cells:
+    ran, t_start = 0, time.perf_counter()
+    for k, c in enumerate(cells):
         cell_file = os.path.join(out, "cells", f"{c['id']}.json")
         done = None if rerun else _finished(cell_file, described)
         if done:
             log(f"[bench] {c['id']}: finished earlier, kept ({cell_file})")
             results[c["id"]] = done
             continue
-        log(f"[bench] {c['id']}: evaluating {spec['num_samples']} samples ...")
+        eta = ""
+        if ran:  # cells differ in cost (50 steps vs 1); the mean so far is a rough guide
+            left = (time.perf_counter() - t_start) / ran * (len(cells) - k)
+            eta = f", about {left / 60:.0f} min left for the rest"
+        n = len(protocol.prompts)
+        log(f"[bench] cell {k + 1}/{len(cells)} {c['id']}: evaluating {n} samples{eta} ...")
+        ran += 1
         t0 = time.perf_counter()
         try:
             if c["path"] is None:
@@ -190,9 +205,10 @@ def run_bench(spec: dict, out: str, cache_dir=None, rerun=False, progress=True,
                     loaded.clear()
                     loaded[key] = load_model(c["path"], c.get("teacher")
                                              if c["model"] != "teacher" else None)
-                result, images = evaluate_loaded(loaded[key], protocol, c["steps"],
-                                                 c["guidance"], spec["batch_size"], progress,
-                                                 name=c["model"])
+                evaluate_fn = (protocol.evaluate_loaded if isinstance(protocol, StandardProtocol)
+                               else evaluate_loaded)
+                result, images = evaluate_fn(loaded[key], protocol, c["steps"], c["guidance"],
+                                             spec["batch_size"], progress, name=c["model"])
         except Exception as e:  # noqa: BLE001
             # A broken export must not stop the other cells; the cell records why it failed.
             result, images = {"model": c["model"], "complete": False, **described,
@@ -224,6 +240,51 @@ def run_bench(spec: dict, out: str, cache_dir=None, rerun=False, progress=True,
     plots(rows, out, run_logs(spec), log)
     return summary
 
+
+class StandardProtocol:
+    """The spec's ``standard:`` section as a bench protocol: the prompt file's prompts and
+    seeds, samples written as PNG folders (``OUT/samples/<cell>/``, which clean-fid reads
+    directly), Inception FID and CLIP score (:mod:`diffusion_distill.eval.standard`)."""
+
+    def __init__(self, spec: dict, out: str):
+        from .eval.standard import StandardConfig, load_prompts
+
+        self.config = StandardConfig.from_dict(spec["standard"])
+        self.seed, self.out = spec["seed"], out
+        self.prompts = load_prompts(self.config.prompts, self.config.num_samples)
+
+    def describe(self) -> dict:
+        return self.config.describe(self.seed)
+
+    def evaluate_loaded(self, loaded, protocol, steps=None, guidance=None, batch_size=16,
+                        progress=True, name=None):
+        import contextlib
+
+        import numpy as np
+        from PIL import Image
+
+        from .eval.cli import backbone_of, make_sample_fn, model_head
+        from .eval.evaluate import NFECounter
+        from .eval.standard import evaluate_standard, image_files
+
+        call, pipe, _, _ = loaded
+        head, steps = model_head(loaded, steps, guidance, name)
+        cell = f"{name}-steps{head['steps']}-cfg{head['guidance']}"
+        folder = os.path.join(self.out, "samples", re.sub(r"[^A-Za-z0-9_.-]+", "_", cell))
+        backbone = backbone_of(pipe)
+        with NFECounter(backbone) if backbone is not None else contextlib.nullcontext() as n:
+            result = evaluate_standard(make_sample_fn(call, steps, guidance), self.config,
+                                       folder, seed=self.seed, batch_size=batch_size,
+                                       progress=progress)
+        if n is not None:
+            result["nfe"] = n.evaluations / result["num_samples"]
+        # The protocol's keys go in flat (describe()), as a finished cell is recognised by
+        # them; the reference's details keep their own key.
+        result.pop("protocol", None)
+        result["reference_info"] = result.pop("reference", None)
+        first = [np.asarray(Image.open(f).convert("RGB")) for f in image_files(folder)[:16]]
+        images = torch.from_numpy(np.stack(first)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return {**head, **self.describe(), **result, "complete": True}, images
 
 REAL_SEED_OFFSET = 1_000_000  # real-baseline renders never reuse the reference's seed
 
@@ -347,17 +408,31 @@ def machine() -> dict:
 
 def markdown_table(summary: dict, metrics=METRICS) -> str:
     proto = summary["protocol"]
+    standard = proto.get("protocol") == "standard"
+    if standard:
+        metrics = proto["metrics"]
     cols = ["model", "steps", "guidance", "NFE"]
     for m in metrics:
         cols += {"fd": ["FD"], "kid": ["KID x1e3"], "precision": ["precision"],
-                 "recall": ["recall"], "alignment": ["alignment"]}[m]
+                 "recall": ["recall"], "alignment": ["alignment"], "fid": ["FID"],
+                 "clip_score": ["CLIP score"]}[m]
     cols += ["s/image", "samples"]
-    lines = [f"# {summary['spec']['name']}", "",
-             (f"Feature space: **{proto['feature_space']}** (EfficientNet-Lite0 ImageNet "
-             "features; these are NOT Inception FID/KID values). Prompts: world "
-             f"`{proto['prompts']}` evaluation set; seeds {proto['seeds']['first']}.."
-             f"{proto['seeds']['first'] + proto['seeds']['count'] - 1}; reference: real renders "
-             f"of the same prompts (seed {proto['reference_seed']})."), "",
+    if standard:
+        space = next((r.get("feature_space") for r in summary["cells"]
+                      if r.get("feature_space")), "Inception-v3")
+        about = (f"Standard protocol: FID in **{space}** against `{proto['reference']}`, "
+                 f"CLIP score with `{proto['clip']}`; prompts: the first "
+                 f"{proto['num_samples'] or 'all'} of `{proto['prompts']}`, sample i with seed "
+                 f"{proto['seed']} + i; samples in `samples/<cell>/` (a folder clean-fid reads).")
+        requested = proto["num_samples"]
+    else:
+        about = (f"Feature space: **{proto['feature_space']}** (EfficientNet-Lite0 ImageNet "
+                 "features; these are NOT Inception FID/KID values). Prompts: world "
+                 f"`{proto['prompts']}` evaluation set; seeds {proto['seeds']['first']}.."
+                 f"{proto['seeds']['first'] + proto['seeds']['count'] - 1}; reference: real "
+                 f"renders of the same prompts (seed {proto['reference_seed']}).")
+        requested = proto["seeds"]["count"]
+    lines = [f"# {summary['spec']['name']}", "", about, "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
     def num(v, fmt):
@@ -375,9 +450,11 @@ def markdown_table(summary: dict, metrics=METRICS) -> str:
                            if kid else "-")
             elif m == "alignment":
                 row.append(num((r.get("alignment") or {}).get("whole_prompt"), ".3f"))
+            elif m in ("fid", "clip_score"):
+                row.append(num(r.get(m), ".2f"))
             else:
                 row.append(num(r.get(m), ".3f"))
-        samples = f"{r.get('num_samples', 0)}/{r.get('num_requested', proto['seeds']['count'])}"
+        samples = f"{r.get('num_samples', 0)}/{r.get('num_requested', requested) or '-'}"
         if not r.get("complete"):
             samples += " (incomplete" + (f": {r['error']}" if r.get("error") else "") + ")"
         row += [num(r.get("seconds_per_image"), ".4f"), samples]
@@ -496,10 +573,13 @@ def plots(rows: list[dict], out: str, logs: dict | None = None, log=print) -> li
         written.append(path)
 
     if scored:
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-        for ax, (m, label) in zip(axes, (("fd", f"Fréchet distance ({space}, not FID)"),
-                                         ("alignment", "whole-prompt alignment"),
-                                         ("recall", "recall"))):
+        if any(r.get("fid") is not None or r.get("clip_score") is not None for r in scored):
+            panels = (("fid", f"FID ({space})"), ("clip_score", "CLIP score"))
+        else:
+            panels = (("fd", f"Fréchet distance ({space}, not FID)"),
+                      ("alignment", "whole-prompt alignment"), ("recall", "recall"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+        for ax, (m, label) in zip(axes, panels):
             for model in models:
                 pts = sorted((r["nfe"], value(r, m)) for r in scored
                              if r["model"] == model and value(r, m) is not None)

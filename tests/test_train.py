@@ -1,4 +1,5 @@
 """The loop: recipes, resume after a kill, non-finite losses, multi-process equivalence."""
+import itertools
 import os
 import signal
 import subprocess
@@ -99,7 +100,7 @@ def test_lr_factor_warms_up_then_decays_to_its_final_fraction():
     assert lr_factor(49, 100, 0.0) == pytest.approx(0.5, abs=0.02)  # cosine: half-way at mid-run
     decay = [lr_factor(s, 100, 0.1, warmup=10) for s in range(100)]
     assert decay[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
-    assert all(a >= b for a, b in zip(decay[9:], decay[10:]))  # monotone after warm-up
+    assert all(a >= b for a, b in itertools.pairwise(decay[9:]))  # monotone after warm-up
     assert decay[-1] == pytest.approx(0.1)
 
 

@@ -207,27 +207,34 @@ class Protocol:
 def evaluate_loaded(loaded, protocol: Protocol, steps=None, guidance=None, batch_size=32,
                     progress=True, name=None) -> tuple[dict, torch.Tensor | None]:
     """Evaluate a model from :func:`load_model` under ``protocol``; (result, first samples)."""
-    call, pipe, model_kind, defaults = loaded
-    if steps is not None and steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}")
-    steps_used = steps if steps is not None else defaults["steps"]
-    if model_kind == "teacher" and steps is None:
-        steps = steps_used  # a teacher always gets an explicit, recorded step count
+    call, pipe, _, _ = loaded
+    head, steps = model_head(loaded, steps, guidance, name)
     result = evaluate(make_sample_fn(call, steps, guidance), protocol.prompts, protocol.seeds,
                       reference_features=protocol.reference, labels=protocol.labels,
                       alignment_fn=protocol.alignment_fn, batch_size=batch_size,
                       extractor=protocol.extractor, backbone=backbone_of(pipe),
                       progress=progress)
     images = result.pop("images")
+    if protocol.alignment_note:
+        result["alignment_note"] = protocol.alignment_note
+    return {**head, **protocol.describe(), **result}, images
+
+
+def model_head(loaded, steps=None, guidance=None, name=None) -> tuple[dict, int | None]:
+    """What a result row says about the model and its sampler (the step count and CFG scale
+    actually used, defaults resolved), and the step count to call it with."""
+    _, pipe, model_kind, defaults = loaded
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    steps_used = steps if steps is not None else defaults["steps"]
+    if model_kind == "teacher" and steps is None:
+        steps = steps_used  # a teacher always gets an explicit, recorded step count
     params = inspect.signature(pipe.__call__).parameters
     guidance_used = guidance if guidance is not None else (
         defaults["guidance"] if defaults["guidance"] is not None
         else params["guidance_scale"].default if "guidance_scale" in params else None)
-    head = {"model": name, "model_kind": model_kind, "pipeline": type(pipe).__name__,
-            "steps": steps_used, "guidance": guidance_used, **protocol.describe()}
-    if protocol.alignment_note:
-        result["alignment_note"] = protocol.alignment_note
-    return {**head, **result}, images
+    return {"model": name, "model_kind": model_kind, "pipeline": type(pipe).__name__,
+            "steps": steps_used, "guidance": guidance_used}, steps
 
 
 def run_eval(path: str, *, steps=None, guidance=None, num=1000, prompts_kind="single", seed=0,
