@@ -65,3 +65,25 @@ def test_recipe_options_are_checked():
         Denoising(t_sampling="cosine")
     with pytest.raises(ValueError, match="no option"):
         build_objective({"name": "denoising", "p_drop": 0.2})
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+def test_v_loss_weight_turns_each_output_error_into_the_v_error(prediction):
+    """loss_weight="v": the squared error in the network's own output space, weighted, equals
+    the squared error of v = alpha eps - sigma x0 that the same prediction implies."""
+    from diffusion_distill.objectives.denoising import v_weight
+    from diffusion_distill.parameterization import add_noise, from_x0
+
+    g = torch.Generator().manual_seed(0)
+    x0, eps, x0_hat = (torch.randn(5, 4, 3, 3, generator=g) for _ in range(3))
+    t = torch.rand(5, generator=g) * 0.98 + 0.01
+    alpha = torch.cos(t * torch.pi / 2)
+    sigma = torch.sin(t * torch.pi / 2)
+    x_t = add_noise(x0, eps, alpha, sigma)
+    out_err = (from_x0(x0_hat, x_t, alpha, sigma, prediction)
+               - from_x0(x0, x_t, alpha, sigma, prediction)).square().flatten(1).mean(1)
+    v_err = (from_x0(x0_hat, x_t, alpha, sigma, "v_prediction")
+             - from_x0(x0, x_t, alpha, sigma, "v_prediction")).square().flatten(1).mean(1)
+    torch.testing.assert_close(out_err * v_weight(prediction, alpha, sigma), v_err)
+    with pytest.raises(ValueError, match="loss_weight must be one of"):
+        Denoising(loss_weight="snr")

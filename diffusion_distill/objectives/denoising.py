@@ -22,6 +22,7 @@ from ..parameterization import add_noise, from_x0
 from . import Objective
 
 T_SAMPLINGS = ("uniform", "logit_normal")
+LOSS_WEIGHTS = ("simple", "v")
 
 
 class Denoising(Objective):
@@ -33,16 +34,28 @@ class Denoising(Objective):
         logit_mean, logit_std: the logit-normal's parameters (SD3 uses 0 and 1).
         p_uncond: probability of replacing a caption with the empty prompt (CFG dropout).
         t_min: smallest t drawn; VP epsilon targets are meaningless at exactly t = 0.
+        loss_weight: "simple" (every t alike in the network's output space, DDPM's choice)
+            or "v": the v-prediction loss (Salimans & Ho 2022) whatever the network predicts,
+            i.e. for VP models the epsilon loss times ``1 / alpha(t)^2 = 1 + 1/SNR(t)`` (x0
+            outputs: times ``1 / sigma(t)^2``). The "simple" epsilon loss weights an x0 error
+            by SNR(t), next to nothing at high noise, which is where the layout of an image
+            (where things go) is decided: a teacher trained with it learns shape and colour
+            from its prompts but not position. Flow models: the flow loss already weights x0
+            errors as v does, so "v" leaves it unchanged.
     """
 
     roles = ("student",)
     needs_data = True
 
     def __init__(self, t_sampling: str = "auto", logit_mean: float = 0.0,
-                 logit_std: float = 1.0, p_uncond: float = 0.1, t_min: float = 1e-3):
+                 logit_std: float = 1.0, p_uncond: float = 0.1, t_min: float = 1e-3,
+                 loss_weight: str = "simple"):
         if t_sampling not in T_SAMPLINGS + ("auto",):
             raise ValueError(f"t_sampling must be one of {T_SAMPLINGS} or 'auto', got "
                              f"{t_sampling!r}")
+        if loss_weight not in LOSS_WEIGHTS:
+            raise ValueError(f"loss_weight must be one of {LOSS_WEIGHTS}, got {loss_weight!r}")
+        self.loss_weight = loss_weight
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond is a probability in [0, 1), got {p_uncond}")
         self.t_sampling = t_sampling
@@ -87,9 +100,23 @@ class Denoising(Objective):
         with nets.roles.use("student"):
             out = denoiser.raw(x_t, t, cond)
         target = from_x0(x0, x_t, alpha, sigma, denoiser.prediction_type)
-        loss = torch.mean((out.float() - target.float()) ** 2)
+        per_sample = ((out.float() - target.float()) ** 2).flatten(1).mean(1)
+        if self.loss_weight == "v":
+            per_sample = per_sample * v_weight(denoiser.prediction_type, alpha, sigma)
+        loss = per_sample.mean()
         ctx.log(loss_denoise=loss.detach(), t_mean=t.mean())
         yield "student", loss
+
+
+def v_weight(prediction_type: str, alpha, sigma) -> torch.Tensor | float:
+    """The factor that turns a squared error in ``prediction_type``'s output space into the
+    squared error of v = alpha eps - sigma x0 (for a fixed x_t, alpha^2 + sigma^2 = 1)."""
+    alpha, sigma = alpha.float().reshape(-1), sigma.float().reshape(-1)
+    if prediction_type == "epsilon":
+        return 1.0 / alpha**2  # v error = eps error / alpha
+    if prediction_type == "sample":
+        return 1.0 / sigma**2  # v error = -x0 error / sigma
+    return 1.0  # v_prediction is v; flow (eps - x0) already weights x0 errors as v does
 
 
 def _role_denoiser(nets, role):
