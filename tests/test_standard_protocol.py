@@ -448,7 +448,7 @@ def test_cleanfid_missing_says_how_to_install(tmp_path, monkeypatch, prompt_file
 
 # -- through `ddistill bench` ----------------------------------------------------------------
 def test_bench_spec_with_a_standard_section(tmp_path, tiny_sd_path, prompt_file, inception_path,
-                                            clip_path, capsys):
+                                            clip_path, capsys, monkeypatch):
     """A bench spec's ``standard:`` section: the prompt file's prompts, PNG folders per cell,
     Inception FID against reference statistics and CLIP score in the tables; resumable."""
     import yaml
@@ -458,8 +458,9 @@ def test_bench_spec_with_a_standard_section(tmp_path, tiny_sd_path, prompt_file,
     ref_dir = tmp_path / "reference"
     prompts, seeds = st.load_prompts(prompt_file, 12), list(range(12))
     st.write_samples(sample_fn_for()(prompts, seeds), prompts, seeds, str(ref_dir))
-    st.write_reference_stats(str(ref_dir), inception_path, str(tmp_path / "ref.npz"),
-                             progress=False)
+    monkeypatch.setenv(st.ENV_INCEPTION, inception_path)  # `ddistill stats` reads it
+    assert main(["stats", str(ref_dir), "--out", str(tmp_path / "ref.npz")]) == 0
+    assert "12 images, 16-d" in capsys.readouterr().out
     spec = {"name": "std", "teacher": tiny_sd_path, "teacher_steps": [2, 1], "batch_size": 3,
             "latency": False,
             "standard": {"prompts": prompt_file, "num_samples": 6, "inception": inception_path,
@@ -483,3 +484,14 @@ def test_bench_spec_with_a_standard_section(tmp_path, tiny_sd_path, prompt_file,
     capsys.readouterr()
     assert main(argv) == 0
     assert capsys.readouterr().out.count("finished earlier, kept") == 2
+
+
+def test_every_shipped_spec_loads():
+    from diffusion_distill.bench import load_spec
+
+    root = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "specs")
+    names = sorted(f for f in os.listdir(root) if f.endswith(".yaml"))
+    assert "coco_sd15_standard.yaml" in names
+    for name in names:
+        spec = load_spec(os.path.join(root, name))
+        assert spec["name"] == name[:-5]

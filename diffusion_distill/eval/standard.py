@@ -640,3 +640,26 @@ def evaluate_standard(sample_fn: SampleFn, config: StandardConfig, sample_dir: s
         "total_seconds": time.perf_counter() - t_start,
         "sample_dir": os.path.abspath(sample_dir),
     }
+
+
+# -- `ddistill stats` -------------------------------------------------------------------------
+def add_parser(sub):
+    p = sub.add_parser("stats", help="Inception reference statistics (.npz) of an image folder, "
+                                     "for the standard protocol's FID")
+    p.add_argument("folder", help="a folder of reference images (e.g. COCO val2014)")
+    p.add_argument("--out", required=True, help="the .npz to write (mu, sigma, num_samples)")
+    p.add_argument("--inception", default=None,
+                   help=f"clean-fid's TorchScript Inception ({INCEPTION_FILE}); default "
+                        f"${ENV_INCEPTION}")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=_stats_cli)
+
+
+def _stats_cli(args) -> int:
+    inception = args.inception or os.environ.get(ENV_INCEPTION)
+    if not inception:
+        raise ValueError(f"no Inception weights: give --inception PATH or set ${ENV_INCEPTION} "
+                         f"(clean-fid's {INCEPTION_FILE}; nothing is downloaded)")
+    info = write_reference_stats(args.folder, inception, args.out, batch_size=args.batch_size)
+    print(f"wrote {info['path']}: {info['num_images']} images, {info['feature_dim']}-d")
+    return 0
