@@ -14,6 +14,7 @@ NOT Inception FIDs.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -149,6 +150,28 @@ def cells_of(spec: dict) -> list[dict]:
 
 
 # -- running -------------------------------------------------------------------------------
+def model_fingerprint(path: str | None) -> str | None:
+    """What identifies a model's weights for reusing a finished cell: the name, size and
+    modification time of every weight and config file in its folder (cheap even for a
+    multi-GB pipeline; a retrained or replaced model changes it)."""
+    if path is None:
+        return None
+    from .eval.cli import _resolve
+
+    folder = _resolve(path)
+    if not os.path.isdir(folder):
+        return None
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith((".safetensors", ".bin", ".json", ".txt", ".model")):
+                st = os.stat(os.path.join(root, name))
+                rel = os.path.relpath(os.path.join(root, name), folder)
+                h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
 def _finished(path: str, protocol: dict) -> dict | None:
     if not os.path.isfile(path):
         return None
@@ -182,7 +205,10 @@ def run_bench(spec: dict, out: str, cache_dir=None, rerun=False, progress=True,
     ran, t_start = 0, time.perf_counter()
     for k, c in enumerate(cells):
         cell_file = os.path.join(out, "cells", f"{c['id']}.json")
-        done = None if rerun else _finished(cell_file, described)
+        # A cell is reused only for the very same weights: a model retrained at the same path
+        # (or another export under the same name) is evaluated again.
+        weights = model_fingerprint(c["path"])
+        done = None if rerun else _finished(cell_file, {**described, "weights": weights})
         if done:
             log(f"[bench] {c['id']}: finished earlier, kept ({cell_file})")
             results[c["id"]] = done
@@ -214,7 +240,7 @@ def run_bench(spec: dict, out: str, cache_dir=None, rerun=False, progress=True,
             result, images = {"model": c["model"], "complete": False, **described,
                               "error": f"{type(e).__name__}: {e}"}, None
             log(f"[bench] {c['id']}: FAILED: {result['error']}")
-        result.update({"cell": c["id"], "path": c["path"],
+        result.update({"cell": c["id"], "path": c["path"], "weights": weights,
                        "cell_seconds": time.perf_counter() - t0})
         if images is not None:
             grid = os.path.join(out, "grids", f"{c['id']}.png")
@@ -319,7 +345,8 @@ def _cell_latency(c, spec, out, protocol, loaded, rerun, log) -> dict:
     from .eval.cli import load_model
 
     path = os.path.join(out, "cells", f"{c['id']}.latency.json")
-    settings = {**spec["latency"], "device": _device_name()}
+    settings = {**spec["latency"], "device": _device_name(),
+                "weights": model_fingerprint(c["path"])}
     if not rerun and os.path.isfile(path):
         with open(path) as f:
             done = json.load(f)

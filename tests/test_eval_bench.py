@@ -1,5 +1,7 @@
 """`ddistill bench` on a tiny random pipeline: cells, tables, and resuming without rework."""
 import json
+import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -57,6 +59,15 @@ def test_bench_runs_cells_writes_tables_and_resumes(tiny_sd_path, tmp_path, caps
     assert log.count("finished earlier, kept") == 3
     assert "timing" not in log  # latency files are reused too
     assert (out / "cells" / "teacher-steps1-cfgdefault.json").read_text() == first
+
+    # New weights at the same path (a retrained model): its cells are evaluated again.
+    unet = next((Path(tiny_sd_path) / "unet").glob("*.safetensors"))
+    os.utime(unet, ns=(unet.stat().st_atime_ns, unet.stat().st_mtime_ns + 10**9))
+    capsys.readouterr()
+    assert main(argv) == 1
+    log = capsys.readouterr().out
+    assert log.count("finished earlier, kept") == 1  # only the real-data row
+    assert log.count("timing") == 2
 
 
 def test_bench_spec_errors(tmp_path):
