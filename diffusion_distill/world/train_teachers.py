@@ -136,9 +136,9 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
             world_teachers.RepeatedTokenJointAttention(collapse))
     opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]),
                             weight_decay=cfg["weight_decay"])
-    # 200 warm-up steps for any real run (so a run stopped early at step N equals a run with
-    # train.steps=N: the learning rate is constant after warm-up); tiny test runs warm up
-    # over their first tenth.
+    # 200 warm-up steps for any real run, tiny test runs warm up over their first tenth; then
+    # constant, or a cosine to train.lr_final. (train.stop_after / --minutes stop a run early
+    # on the schedule of train.steps, which is how a staged recipe pins its stage lengths.)
     warmup = 200 if cfg["steps"] >= 1000 else cfg["steps"] // 10 + 1
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg["steps"], cfg["lr_final"], warmup))
@@ -189,12 +189,13 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
                 f.write(json.dumps(logs) + "\n")
             log(f"{name} step {done}: " + " ".join(f"{k} {v:.4g}" for k, v in logs.items()
                                                   if k != "step"))
-        out_of_time = minutes is not None and time.time() - t_start > minutes * 60
+        out_of_time = (minutes is not None and time.time() - t_start > minutes * 60) or (
+            cfg["stop_after"] is not None and done >= cfg["stop_after"])
         if done % cfg["checkpoint_every"] == 0 or done == cfg["steps"] or out_of_time:
             save_pipeline(pipe, roles.state_dict(final_role), out)
             log(f"{name}: saved {out} at step {done}")
         if out_of_time:
-            log(f"{name}: stopped at step {done} after {minutes} minutes")
+            log(f"{name}: stopped at step {done} ({time.time() - t_start:.0f} s)")
             break
     return out
 
