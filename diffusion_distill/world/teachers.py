@@ -62,11 +62,11 @@ def build_sd(vae_path: str | None = None, seed: int = 0):
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=4, out_channels=4,
-        # Three levels: 16x16 convolutions, then 8x8 and 4x4 with self- and cross-attention.
-        # The 4x4 level is what lets a UNet place things: it has no positional embedding, and
-        # only at 4x4 does every cell see the zero padding of the border, which tells "left"
-        # from "center". (A two-level 16/8 UNet learnt shape and colour but put shapes at
-        # random positions: 0.34 position accuracy after 51 minutes.)
+        # Three levels: 16x16 convolutions, then 8x8 and 4x4 with self- and cross-attention;
+        # the UNet has no positional embedding, and at 4x4 every cell sees the border's zero
+        # padding within two convolutions. What made it follow position words, though, was
+        # the loss weighting (recipes/teachers/sd_unet.yaml: method.loss_weight v): with the
+        # plain epsilon loss both this and a two-level 16/8 UNet put shapes anywhere.
         block_out_channels=(32, 64, 96), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
