@@ -43,6 +43,7 @@ SPEC_KEYS = {
     "out": "output folder (default benchmarks/results/<name>)",
 }
 METRICS = ("fd", "kid", "precision", "recall", "alignment")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 def add_parser(sub):
@@ -607,11 +608,12 @@ def plots(rows: list[dict], out: str, logs: dict | None = None, log=print) -> li
                       ("alignment", "whole-prompt alignment"), ("recall", "recall"))
         fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
         for ax, (m, label) in zip(axes, panels):
-            for model in models:
+            for i, model in enumerate(models):
                 pts = sorted((r["nfe"], value(r, m)) for r in scored
                              if r["model"] == model and value(r, m) is not None)
-                if pts:
-                    ax.plot(*zip(*pts), "o-", label=model)
+                if pts:  # a marker per model: 1-step students often sit on the same spot
+                    ax.plot(*zip(*pts), MARKERS[i % len(MARKERS)] + "-", label=model,
+                            alpha=0.8)
             if real and value(real, m) is not None:
                 ax.axhline(value(real, m), ls="--", c="gray", lw=1, label="real data")
             ax.set_xscale("log")
@@ -655,7 +657,9 @@ def plots(rows: list[dict], out: str, logs: dict | None = None, log=print) -> li
             pts = [(r["step"], r.get("fd"), value(r, "alignment")) for r in log_rows]
             axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
             axes[1].plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=name)
-        for ax, label in zip(axes, (f"FD ({space}) during training",
+        n = next((r.get("num_samples") for v in curves.values() for r in v
+                  if r.get("num_samples")), "?")
+        for ax, label in zip(axes, (f"FD ({space}, n={n}) during training",
                                     "alignment during training")):
             ax.set_xlabel("training step")
             ax.set_title(label, fontsize=9)
