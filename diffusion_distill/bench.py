@@ -9,8 +9,14 @@ so an interrupted benchmark resumes where it stopped: a cell whose file is compl
 made under the same protocol is not run again. At the end ``OUT/results.json`` gathers every
 cell and ``OUT/results.md`` tables them; ``OUT/grids/`` holds sample grids.
 
+Each cell is also timed at batch sizes 1 and 16 (``latency``; the speedup over the teacher's
+default sampler sits beside the NFE ratio), and PNG plots are drawn: metrics against NFE, FD
+against training step (from each export's run log), alignment against recall, speedup.
+
 Reported distances are in the EfficientNet-Lite0 feature space named in every row: they are
-NOT Inception FIDs.
+NOT Inception FIDs. A spec's ``standard:`` section switches to the standard protocol instead
+(Inception FID with clean resizing and CLIP score from local weights, COCO-style prompt
+files: :mod:`diffusion_distill.eval.standard`).
 """
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ DEFAULTS: dict = {
         "grad_accum": 1,
         "lr": 1e-4,
         "lr_critic": None,         # None: same as lr
-        "lr_final": None,          # None: constant lr; a number: cosine decay to this fraction
+        "lr_final": None,          # None: constant lr; f: cosine decay to f x lr at the end
         "weight_decay": 0.0,
         "betas": [0.9, 0.999],
         "clip_grad": 1.0,

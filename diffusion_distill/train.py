@@ -231,6 +231,7 @@ def lr_factor(step: int, steps: int, final: float | None, warmup: int = 0) -> fl
     progress = min(1.0, (step - warmup) / max(1, steps - 1 - warmup))
     return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
+
 def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
           networks=None, return_nets: bool = False):
     """Run (or resume) a recipe; returns the run folder (and the nets, if asked).
