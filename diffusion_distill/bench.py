@@ -194,7 +194,7 @@ def _finished(path: str, protocol: dict) -> dict | None:
 
 def run_bench(spec: dict, out: str, cache_dir=None, rerun=False, progress=True,
               log=print) -> dict:
-    from .eval.cli import Protocol, evaluate_loaded, load_model
+    from .eval.cli import Protocol, evaluate_loaded
     from .eval.cli import _write_json as write_json
     from .world.data import save_grid
 
@@ -232,15 +232,10 @@ def run_bench(spec: dict, out: str, cache_dir=None, rerun=False, progress=True,
             if c["path"] is None:
                 result, images = evaluate_real(protocol, spec["batch_size"], progress)
             else:
-                key = (c["path"], c.get("teacher"))
-                if key not in loaded:
-                    # one model loaded at a time: a big teacher and a student never share RAM
-                    loaded.clear()
-                    loaded[key] = load_model(c["path"], c.get("teacher")
-                                             if c["model"] != "teacher" else None)
+                model = _loaded_model(c, loaded)
                 evaluate_fn = (protocol.evaluate_loaded if isinstance(protocol, StandardProtocol)
                                else evaluate_loaded)
-                result, images = evaluate_fn(loaded[key], protocol, c["steps"], c["guidance"],
+                result, images = evaluate_fn(model, protocol, c["steps"], c["guidance"],
                                              spec["batch_size"], progress, name=c["model"])
         except Exception as e:  # noqa: BLE001
             # A broken export must not stop the other cells; the cell records why it failed.
@@ -345,11 +340,23 @@ def evaluate_real(protocol, batch_size=50, progress=True):
 
 
 # -- latency -------------------------------------------------------------------------------
+def _loaded_model(c: dict, loaded: dict):
+    """The cell's model, from ``loaded`` when the previous cell used it. One model is held at
+    a time, so a big teacher and a student never share RAM."""
+    from .eval.cli import load_model
+
+    key = (c["path"], c.get("teacher"))
+    if key not in loaded:
+        loaded.clear()
+        loaded[key] = load_model(c["path"], c.get("teacher") if c["model"] != "teacher"
+                                 else None)
+    return loaded[key]
+
+
 def _cell_latency(c, spec, out, protocol, loaded, rerun, log) -> dict:
     """The cell's timings at each batch size, from its own file when made with the same
     settings (so a resumed benchmark does not time a finished cell again)."""
     from .eval.cli import _write_json as write_json
-    from .eval.cli import load_model
 
     path = os.path.join(out, "cells", f"{c['id']}.latency.json")
     settings = {**spec["latency"], "device": _device_name(),
@@ -359,13 +366,9 @@ def _cell_latency(c, spec, out, protocol, loaded, rerun, log) -> dict:
             done = json.load(f)
         if done.get("settings") == settings:
             return done["by_batch_size"]
-    key = (c["path"], c.get("teacher"))
-    if key not in loaded:
-        loaded.clear()
-        loaded[key] = load_model(c["path"], c.get("teacher") if c["model"] != "teacher"
-                                 else None)
+    model = _loaded_model(c, loaded)
     log(f"[bench] {c['id']}: timing batch sizes {spec['latency']['batch_sizes']} ...")
-    by_bs = measure_latency(loaded[key], c["steps"], c["guidance"], protocol.prompts,
+    by_bs = measure_latency(model, c["steps"], c["guidance"], protocol.prompts,
                             spec["latency"]["batch_sizes"], spec["latency"]["repeats"])
     write_json(path, {"settings": settings, "by_batch_size": by_bs})
     return by_bs
