@@ -36,6 +36,7 @@ TEACHER_GUIDANCE = 5.0
 
 def main(argv=None):
     from diffusion_distill.bench import run_bench
+    from diffusion_distill.eval.cli import _write_json as write_json
     from diffusion_distill.recipe import load_recipe
     from diffusion_distill.train import train
 
@@ -90,8 +91,7 @@ def main(argv=None):
                sys.argv[1:] if argv is None else argv)}
     info["runs"].update({t: run for t in args.teachers})
     info["rows"] += rows
-    with open(os.path.join(args.out, "leaderboard.json"), "w") as f:
-        json.dump(info, f, indent=2, default=str)
+    write_json(path, info)  # atomic: an interrupted write keeps the other teacher's rows
     with open(os.path.join(args.out, "leaderboard.md"), "w") as f:
         f.write(markdown(info))
     print(markdown(info))
