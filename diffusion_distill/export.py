@@ -5,10 +5,12 @@ An export folder holds
 * ``pytorch_lora_weights.safetensors``: the student's LoRA in diffusers' format
   (``pipe.load_lora_weights(folder)`` reads it); for UNet families also
   ``pytorch_lora_weights_kohya.safetensors`` with kohya / ComfyUI key names.
-  Phased DMD writes one such file per expert under ``expert_K/``.
-* ``distill_config.json``: the teacher it belongs to (path and a fingerprint of its base
-  weights), the scheduler class and config, the student's timesteps, guidance and prediction
-  type, the objective.
+  A student served by several adapters (an expert per phase) has one such file per adapter
+  in a sub-folder named after it, loaded as named adapters and switched per step.
+* ``distill_config.json``: the teacher it belongs to (as given, as a path ``from_pretrained``
+  accepts, and a fingerprint of its base weights), the scheduler class and config, the call
+  arguments for every step count the student serves, the adapter of each step, and
+  ``usage``: the plain-diffusers lines that sample it.
 
 ``load_student(folder)`` does the diffusers steps: load the teacher pipeline, check the
 fingerprint, load the LoRA, swap in the scheduler, and call with the student's timesteps.
@@ -45,30 +47,6 @@ def _component(pipe) -> str:
     return "unet" if hasattr(pipe, "unet") and pipe.unet is not None else "transformer"
 
 
-def student_scheduler(teacher, student_times: list[float], stochastic: bool = True):
-    """(scheduler class name, config, call kwargs) reproducing the student's sampler.
-
-    The few-step student predicts x0 and re-noises it with fresh noise between steps (DMD2's
-    multi-step sampler, also the consistency-model one): diffusers' LCMScheduler for VP
-    families, FlowMatchEulerDiscreteScheduler with stochastic_sampling for flow families.
-    """
-    sched = teacher.pipe.scheduler
-    if teacher.schedule.kind == "flow":
-        config = dict(sched.config)
-        # Our times are already the sigmas to visit; no further shifting.
-        config.update(shift=1.0, use_dynamic_shifting=False, stochastic_sampling=stochastic)
-        return ("FlowMatchEulerDiscreteScheduler", config,
-                {"sigmas": [float(t) for t in student_times]})
-    from diffusers import LCMScheduler
-
-    config = dict(LCMScheduler.from_config(sched.config).config)
-    # A huge timestep_scaling puts LCM's boundary condition at c_skip=0, c_out=1 for every
-    # t > 0: the scheduler then returns the network's x0 exactly, as the student was trained.
-    config.update(timestep_scaling=1e6, prediction_type=teacher.denoiser.prediction_type)
-    steps = [round(float(teacher.schedule.model_time(torch.tensor(t)))) for t in student_times]
-    return "LCMScheduler", config, {"timesteps": steps}
-
-
 def _kohya(state: dict) -> dict | None:
     try:
         from diffusers.utils import convert_state_dict_to_kohya
@@ -77,31 +55,64 @@ def _kohya(state: dict) -> dict | None:
     return convert_state_dict_to_kohya(state)
 
 
-def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = None) -> str:
-    """Write the export folder (atomically: a temp folder renamed into place)."""
+def teacher_reference(recipe: dict, teacher) -> dict:
+    """How the export names its teacher: as the recipe gave it, and as a path or hub id that
+    diffusers' ``from_pretrained`` accepts (an embedded teacher's folder, resolved here)."""
+    given = recipe["teacher"]["path"]
+    pretrained = given
+    if given and given.startswith("embedded:"):
+        from .world import embedded_teacher_path
+
+        pretrained = embedded_teacher_path(given.split(":", 1)[1])
+    elif given and os.path.isdir(given):
+        pretrained = os.path.abspath(given)
+    return {"path": given, "pretrained": pretrained, "family": teacher.family,
+            "pipeline_class": type(teacher.pipe).__name__,
+            "base_fingerprint": base_fingerprint(teacher.backbone)}
+
+
+def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = None,
+                objective=None) -> str:
+    """Write the export folder (atomically: a temp folder renamed into place).
+
+    The objective's sampler decides everything method-specific: which adapters serve which
+    steps (one LoRA at the top level, or one sub-folder per adapter), the scheduler and the
+    pipeline call arguments, for every step count the student can serve.
+    """
     from safetensors.torch import save_file
 
+    from .build import student_times
     from .checkpoint import atomic_dir
-    from .student import SharedBaseRoles
-    from .train import student_times as recipe_times
+    from .objectives import build_objective
+    from .student import SharedBaseRoles, serving_role
 
     if not isinstance(nets.roles, SharedBaseRoles):
         return _export_full(nets, teacher, recipe, out_dir)
     if teacher.pipe is None:
         raise ValueError("a custom teacher has no diffusers pipeline to export a LoRA for; "
                          "save the student network's state_dict instead")
-    times = recipe_times(recipe, teacher)
-    experts = [r for r in nets.roles.trainable if r.startswith("student_")]
-    if role is None:
-        wanted = recipe["output"]["export_role"]
-        role = wanted if wanted in nets.roles._params else "student"
+    if objective is None:
+        objective = build_objective(recipe["method"],
+                                    student_times=student_times(recipe, teacher),
+                                    total_steps=recipe["train"]["steps"])
+    sampler = objective.sampler()
+    wanted = role or recipe["output"]["export_role"]
+    use_ema = wanted == "ema"
+    if wanted not in ("ema", "student") and wanted not in nets.roles._params:
+        raise ValueError(f"export role {wanted!r} does not exist in this run; roles: "
+                         f"{['ema', *nets.roles.trainable]}")
     component = _component(teacher.pipe)
     pipe_cls = type(teacher.pipe)
 
-    def write(role_name, folder):
+    def source(trained_role):  # the adapter whose weights serve a trained role
+        if wanted not in ("ema", "student"):
+            return wanted
+        return serving_role(nets, trained_role, ema=use_ema)
+
+    def write(adapter, folder):
         os.makedirs(folder, exist_ok=True)
         peft_state = {k: v.detach().cpu().contiguous()
-                      for k, v in nets.roles.state_dict(role_name).items()}
+                      for k, v in nets.roles.state_dict(adapter).items()}
         # peft key names (lora_A / lora_B), which current diffusers loads as they are. The
         # older "lora.down / lora.up" names (convert_state_dict_to_diffusers) lose the
         # attention projections on load with diffusers 0.42 (tested in test_export.py).
@@ -112,33 +123,81 @@ def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = No
             save_file({k: v.contiguous() for k, v in kohya.items()},
                       os.path.join(folder, "pytorch_lora_weights_kohya.safetensors"))
 
+    def steps_entry(n):
+        s = objective.sampler(n)
+        rendered = s.render(teacher)
+        return {"call": {**rendered["call"], "num_inference_steps": s.num_steps,
+                         "guidance_scale": 1.0},
+                "adapters": [s.export_names.get(r, r) for r in s.adapters]
+                if s.export_names else None}
+
     with atomic_dir(out_dir) as tmp:
-        if experts:
-            for i, expert in enumerate(experts):
-                write(expert, os.path.join(tmp, f"expert_{i}"))
+        named = sampler.export_names
+        if named:
+            for trained in sampler.roles:
+                write(source(trained), os.path.join(tmp, named[trained]))
         else:
-            write(role, tmp)
-        name, sched_config, call_kwargs = student_scheduler(teacher, times)
+            write(source(sampler.roles[0]), tmp)
+        rendered = sampler.render(teacher)
         lora = nets.roles.lora_config
+        default = steps_entry(sampler.num_steps)
+        adapters = list(dict.fromkeys(named[r] for r in sampler.roles)) if named else []
         config = {
-            "format": 1,
-            "teacher": {"path": recipe["teacher"]["path"], "family": teacher.family,
-                        "pipeline_class": pipe_cls.__name__,
-                        "base_fingerprint": base_fingerprint(teacher.backbone)},
-            "scheduler": {"class": name, "config": sched_config},
-            "call": {**call_kwargs, "num_inference_steps": len(times), "guidance_scale": 1.0},
-            "student_times": times,
+            "format": 2,
+            "teacher": teacher_reference(recipe, teacher),
+            "scheduler": rendered["scheduler"],
+            "call": default["call"],
+            "steps": {str(n): steps_entry(n) for n in objective.servable_steps()},
+            "student_times": sampler.times,
+            "sampler": sampler.describe(),
             "prediction_type": teacher.denoiser.prediction_type,
             "objective": recipe["method"]["name"],
-            "role": "experts" if experts else role,
-            "experts": len(experts),
+            "role": "adapters" if named else ("ema" if use_ema and nets.roles.ema_of
+                                               else wanted if wanted != "ema" else "student"),
+            # named LoRA adapters (sub-folders) and the one each step uses; [] = one LoRA
+            "adapters": adapters,
+            "adapter_per_step": default["adapters"] or [],
+            "experts": len(adapters),
             "lora": {"rank": lora.r, "alpha": lora.lora_alpha,
                      "target_modules": sorted(lora.target_modules)},
             "teacher_guidance": nets.guidance,
         }
+        config["usage"] = usage_snippet(config)
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=1, default=str)
     return out_dir
+
+
+def usage_snippet(config: dict) -> list[str]:
+    """Plain-diffusers code that samples this export (also in the README), one line each."""
+    lines = [
+        "import json, torch, diffusers",
+        "cfg = json.load(open('EXPORT/distill_config.json'))",
+        "pipe = diffusers.DiffusionPipeline.from_pretrained(cfg['teacher']['pretrained'])",
+        "pipe.scheduler = getattr(diffusers, cfg['scheduler']['class']).from_config("
+        "cfg['scheduler']['config'])",
+    ]
+    if config["adapters"]:
+        lines += [
+            "for name in cfg['adapters']:",
+            "    pipe.load_lora_weights(f'EXPORT/{name}', adapter_name=name)",
+            "per_step = cfg['adapter_per_step']",
+            "pipe.set_adapters(per_step[0])",
+            "def switch(pipe, i, t, kwargs):  # the next step's adapter",
+            "    pipe.set_adapters(per_step[min(i + 1, len(per_step) - 1)])",
+            "    return kwargs",
+            "torch.manual_seed(0x9E3779B9 + 0)  # flow pipelines re-noise from the global RNG",
+            "image = pipe('a red circle', generator=torch.Generator().manual_seed(0), "
+            "callback_on_step_end=switch, **cfg['call']).images[0]",
+        ]
+    else:
+        lines += [
+            "pipe.load_lora_weights('EXPORT')",
+            "torch.manual_seed(0x9E3779B9 + 0)  # flow pipelines re-noise from the global RNG",
+            "image = pipe('a red circle', generator=torch.Generator().manual_seed(0), "
+            "**cfg['call']).images[0]",
+        ]
+    return lines
 
 
 def _export_full(nets, teacher, recipe, out_dir):
@@ -160,26 +219,47 @@ class StudentPipeline:
     """A diffusers pipeline with the student's LoRA, scheduler and call arguments set.
 
     ``student(prompts, generator=...)`` is ``pipe(prompts, **call, generator=...)``; every other
-    pipeline argument can be passed too. ``.pipe`` is the plain diffusers pipeline.
+    pipeline argument can be passed too. ``num_inference_steps`` picks any step count the
+    export serves (``student.servable_steps``). ``.pipe`` is the plain diffusers pipeline.
     """
 
     def __init__(self, pipe, config: dict):
         self.pipe = pipe
         self.config = config
         self.call_kwargs = dict(config["call"])
+        self.steps = config.get("steps") or {
+            str(config["call"]["num_inference_steps"]): {"call": config["call"], "adapters":
+                                                          config.get("adapter_per_step")}}
 
-    def __call__(self, prompt, **kwargs):
-        call = {**self.call_kwargs, **kwargs}
-        if self.config.get("experts"):
-            call["callback_on_step_end"] = self._switch_expert
-            self.pipe.set_adapters("expert_0")
-        return self.pipe(prompt, **call)
+    @property
+    def servable_steps(self) -> list[int]:
+        return sorted(int(n) for n in self.steps)
 
-    def _switch_expert(self, pipe, i, t, callback_kwargs):
-        # Phased DMD: the expert for the next step's phase.
-        nxt = min(i + 1, self.config["experts"] - 1)
-        pipe.set_adapters(f"expert_{nxt}")
-        return callback_kwargs
+    def __call__(self, prompt, num_inference_steps: int | None = None, **kwargs):
+        from .samplers import seeded_global_rng
+
+        n = str(num_inference_steps or self.config["call"]["num_inference_steps"])
+        if n not in self.steps:
+            raise ValueError(f"this export samples with {self.servable_steps} step(s), not "
+                             f"{num_inference_steps}; pass num_inference_steps= one of those.")
+        entry = self.steps[n]
+        call = {**entry["call"], **kwargs}
+        per_step = entry.get("adapters") or []
+        if len(set(per_step)) > 1:
+            self.pipe.set_adapters(per_step[0])
+
+            def switch(pipe, i, t, callback_kwargs):  # the adapter of the next step
+                pipe.set_adapters(per_step[min(i + 1, len(per_step) - 1)])
+                return callback_kwargs
+
+            call["callback_on_step_end"] = switch
+        elif per_step:
+            self.pipe.set_adapters(per_step[0])
+        # Flow pipelines re-noise from torch's global RNG: seed it from the caller's
+        # generator so a seed fixes the samples (the toolkit's own sampler does the same).
+        flow = "FlowMatch" in self.config["scheduler"]["class"]
+        with seeded_global_rng(call.get("generator") if flow else None):
+            return self.pipe(prompt, **call)
 
 
 def load_student(folder: str, teacher: str | None = None, torch_dtype=None) -> StudentPipeline:
@@ -200,11 +280,17 @@ def load_student(folder: str, teacher: str | None = None, torch_dtype=None) -> S
                                 "Create one with `ddistill export RUN --out DIR`.")
     with open(cfg_path) as f:
         config = json.load(f)
-    path = teacher or config["teacher"]["path"]
+    path = teacher or config["teacher"].get("pretrained") or config["teacher"]["path"]
     if path.startswith("embedded:"):
         from .world import embedded_teacher_path
 
         path = embedded_teacher_path(path.split(":", 1)[1])
+    elif (teacher is None and not os.path.isdir(path)
+          and str(config["teacher"]["path"]).startswith("embedded:")):
+        # the export was written on another machine: its embedded teacher is ours too
+        from .world import embedded_teacher_path
+
+        path = embedded_teacher_path(config["teacher"]["path"].split(":", 1)[1])
     pipe = load_pipeline(path, torch_dtype=torch_dtype)
     component = getattr(pipe, _component(pipe))
     found = base_fingerprint(component)
@@ -215,9 +301,14 @@ def load_student(folder: str, teacher: str | None = None, torch_dtype=None) -> S
             f"{config['teacher']['pipeline_class']} with base fingerprint {expected} "
             f"({config['teacher']['path']}), but {path!r} is a {type(pipe).__name__} with "
             f"fingerprint {found}. Load it onto the teacher it was distilled from.")
-    if config.get("experts"):
+    adapters = config.get("adapters")
+    if isinstance(adapters, list) and adapters:
+        for name in adapters:
+            pipe.load_lora_weights(os.path.join(folder, name), adapter_name=name)
+    elif config.get("experts"):  # format 1 (Phased DMD exports before format 2)
         for i in range(config["experts"]):
             pipe.load_lora_weights(os.path.join(folder, f"expert_{i}"), adapter_name=f"expert_{i}")
+        config.setdefault("adapter_per_step", [f"expert_{i}" for i in range(config["experts"])])
     else:
         pipe.load_lora_weights(folder)
     cls = getattr(diffusers, config["scheduler"]["class"])
@@ -234,7 +325,8 @@ def add_parser(sub):
 
 
 def _cli(args):
-    from .train import restore_run
+    from .build import restore_run
 
-    nets, teacher, recipe = restore_run(args.run)
-    print(export_nets(nets, teacher, recipe, args.out, role=args.role))
+    run = restore_run(args.run)
+    print(export_nets(run.nets, run.teacher, run.recipe, args.out, role=args.role,
+                      objective=run.objective))

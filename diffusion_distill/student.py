@@ -242,6 +242,12 @@ class Nets:
     def critic(self, x_t, t, cond):
         return self.x0("critic", x_t, t, cond)
 
+    def network(self, role: str) -> nn.Module:
+        """The module that computes ``role`` (the shared base, or the role's own network)."""
+        if isinstance(self.roles, SeparateRoles):
+            return self.roles.networks[role]
+        return self.roles.backbone
+
     def params(self, role):
         extra = self.extra[role].parameters() if role in self.extra else []
         return self.roles.params(role) + list(extra)
@@ -269,10 +275,23 @@ class Nets:
         return [self.roles.backbone]
 
 
+def serving_role(nets: Nets, role: str, ema: bool = True) -> str:
+    """The adapter that serves a trained ``role`` at sampling time: its EMA when kept."""
+    if ema and getattr(nets.roles, "ema_of", None) == role:
+        return "ema"
+    return role
+
+
 @torch.no_grad()
-def generate(nets: Nets, prompts: list[str], times: list[float], generator=None,
-             role: str = "ema", experts: int = 0) -> torch.Tensor:
+def generate(nets: Nets, prompts: list[str], sampler, generator=None, role: str | None = None,
+             ema: bool = True) -> torch.Tensor:
     """The few-step student's samples (latents), drawn exactly as the exported pipeline does.
+
+    Args:
+        sampler: the objective's :class:`~diffusion_distill.samplers.StudentSampler` (or a
+            plain list of times: the default re-noising sampler on one ``student`` adapter).
+        role: force one role for every step (e.g. ``"teacher"``, ``"student"``); default: the
+            sampler's adapters, each served by its EMA where one is kept (``ema=True``).
 
     Noise comes from diffusers' ``randn_tensor`` with the same generator(s) and in the same
     order as the pipeline (initial latents, then one draw per re-noising), so the same seeds
@@ -280,19 +299,29 @@ def generate(nets: Nets, prompts: list[str], times: list[float], generator=None,
     """
     from diffusers.utils.torch_utils import randn_tensor
 
+    from .samplers import StudentSampler, seeded_global_rng
+
+    if not isinstance(sampler, StudentSampler):
+        sampler = StudentSampler(list(sampler))
     teacher = nets.teacher_model
     device = teacher.device
     shape = (len(prompts),) + tuple(teacher.latent_shape)
     cond = teacher.prompts(prompts)
+    schedule = nets.schedule
+    times = sampler.times
     x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
     # SD3/Flux pipelines do not hand the generator to the scheduler, so a stochastic flow
-    # step draws from torch's global RNG there; mirror that (seed it for reproducible samples).
-    step_generator = generator if nets.schedule.kind == "vp" else None
-    for i, t in enumerate(times):
-        r = f"student_{i}" if experts else role
-        x0 = nets.x0(r, x, t, cond)
-        if i + 1 == len(times):
-            return x0
-        noise = randn_tensor(shape, generator=step_generator, device=device, dtype=torch.float32)
-        x = ddim_step(nets.schedule, x0, x, t, times[i + 1], noise=noise)
+    # step draws from torch's global RNG there; load_student seeds that RNG from the
+    # generator (seeded_global_rng), and so do we.
+    flow = schedule.kind != "vp"
+    step_generator = None if flow else generator
+    with seeded_global_rng(generator if flow else None):
+        for i, t in enumerate(times):
+            r = role or serving_role(nets, sampler.adapters[i], ema)
+            x0 = sampler.denoise(schedule, nets.x0(r, x, t, cond), x, t)
+            if i + 1 == len(times):
+                return sampler.finish(schedule, x0, x, t)
+            noise = (randn_tensor(shape, generator=step_generator, device=device,
+                                  dtype=torch.float32) if sampler.needs_noise(i) else None)
+            x = sampler.step(schedule, x0, x, t, times[i + 1], noise)
     return x

@@ -13,6 +13,7 @@ one, and a 2-process run equal a 1-process run with the same global batch.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,10 +22,8 @@ import time
 import torch
 import yaml
 
-from .objectives import Objective, build_objective
+from .build import setup_run, student_times  # noqa: F401  (student_times: public here too)
 from .recipe import load_recipe
-from .schedules import student_timesteps
-from .student import Nets, SeparateRoles, SharedBaseRoles
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,93 +71,6 @@ class StepContext:
     def log(self, **values):
         for k, v in values.items():
             self.logs[k] = float(v.detach().float().mean()) if torch.is_tensor(v) else float(v)
-
-
-# -- building the pieces from a recipe --------------------------------------------------
-
-def build_teacher(recipe, device="cpu"):
-    from .teachers import load_teacher, teacher_from_pipeline
-
-    spec = recipe["teacher"]
-    kwargs = {}
-    if spec["guidance"] is not None:
-        kwargs["guidance_scale"] = spec["guidance"]
-    if spec["prediction_type"] is not None:
-        kwargs["prediction_type"] = spec["prediction_type"]
-    if spec["build"]:
-        module, fn = spec["build"].split(":")
-        import importlib
-
-        pipe = getattr(importlib.import_module(module), fn)()
-        teacher = teacher_from_pipeline(pipe, **kwargs)
-    else:
-        teacher = load_teacher(spec["path"], **kwargs)
-    return teacher.to(device)
-
-
-def build_nets(recipe, teacher, objective: Objective, networks=None) -> Nets:
-    s = recipe["student"]
-    ema = recipe["train"]["ema_decay"] is not None and "student" in objective.roles
-    if networks is not None:  # a custom teacher's own student / critic networks
-        roles = SeparateRoles(teacher.backbone, networks=networks, roles=objective.roles,
-                              ema=ema)
-    elif s["mode"] == "lora":
-        roles = SharedBaseRoles(teacher.backbone, roles=objective.roles, rank=s["rank"],
-                                alpha=s["alpha"], target_modules=s["target_modules"], ema=ema)
-    elif s["mode"] == "full":
-        roles = SeparateRoles(teacher.backbone, roles=objective.roles, ema=ema)
-    else:
-        raise ValueError(f"student.mode must be 'lora' or 'full', got {s['mode']!r}")
-    return Nets(teacher, roles, guidance=recipe["teacher"]["guidance"])
-
-
-def student_times(recipe, teacher) -> list[float]:
-    """The student's sampling times, highest first.
-
-    On VP schedules they are snapped to the scheduler's integer steps (999, 749, ...), so the
-    exported LCMScheduler visits exactly the times the student was trained at.
-    """
-    s = recipe["student"]
-    times = [float(t) for t in s["timesteps"]] if s["timesteps"] else \
-        student_timesteps(s["num_steps"], teacher.schedule)
-    if teacher.schedule.kind == "vp" and teacher.pipe is not None:  # custom: continuous t
-        n = teacher.schedule.num_train_timesteps - 1
-        times = [round(t * n) / n for t in times]
-    return times
-
-
-def setup_run(recipe: dict, device="cpu", teacher=None, networks=None):
-    """(teacher, objective, nets) for a resolved recipe: what training and export share.
-
-    ``teacher`` (e.g. a custom teacher) and ``networks`` ({role: module}) replace what the
-    recipe's teacher section would build.
-    """
-    teacher = build_teacher(recipe, device) if teacher is None else teacher.to(device)
-    objective = build_objective(recipe["method"], student_times=student_times(recipe, teacher),
-                                total_steps=recipe["train"]["steps"])
-    nets = build_nets(recipe, teacher, objective, networks)
-    objective.setup(nets)  # e.g. DMD2's GAN head, trained with the critic
-    return teacher, objective, nets
-
-
-def restore_run(run_dir: str, device="cpu"):
-    """(nets, teacher, recipe) of a run folder, with its latest checkpoint loaded."""
-    from .checkpoint import latest_checkpoint, load_checkpoint
-
-    path = os.path.join(run_dir, "recipe.yaml")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{run_dir!r} is not a run folder: no recipe.yaml. Give the "
-                                "folder `ddistill train` printed (runs/<name> by default).")
-    recipe = load_recipe(path)
-    torch.manual_seed(recipe["train"]["seed"])
-    teacher, _, nets = setup_run(recipe, device)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"run {run_dir!r} has no checkpoint yet")
-    weights, _, _ = load_checkpoint(ckpt)
-    for role, state in weights.items():
-        nets.load_state_dict(role, state)
-    return nets, teacher, recipe
 
 
 class Batches:
@@ -232,6 +144,93 @@ def lr_factor(step: int, steps: int, final: float | None, warmup: int = 0) -> fl
     return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def build_optimizers(objective, nets, cfg) -> dict:
+    """One AdamW per trained role, at the learning rate the objective's role settings name."""
+    optimizers = {}
+    for role in objective.roles:
+        key = objective.role_settings(role).lr
+        lr = cfg[key] if cfg.get(key) is not None else cfg["lr"]
+        optimizers[role] = torch.optim.AdamW(nets.params(role), lr=lr, betas=tuple(cfg["betas"]),
+                                             weight_decay=cfg["weight_decay"])
+        # the recipe's rate for this role, before the schedule's factor
+        optimizers[role].base_lr = lr
+    return optimizers
+
+
+def train_step(objective, nets, optimizers, batches, step: int, cfg: dict, local_batch: int,
+               rank: int = 0, world: int = 1, device="cpu", accelerator=None,
+               run_dir: str | None = None) -> dict:
+    """One optimisation step of every role the objective trains at ``step``.
+
+    The one training step: the loop, the teachers' own training (a ``denoising`` recipe) and
+    ``benchmarks/memory.py`` all call this. Returns the step's logs: ``loss/<role>`` and the
+    objective's terms, each a mean over the accumulation micro-batches.
+    """
+    touched: list[str] = []
+    logs: dict[str, float] = {}
+    backward = accelerator.backward if accelerator is not None else \
+        (lambda loss, **kw: loss.backward(**kw))
+    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
+    for micro in range(cfg["grad_accum"]):
+        rng = Randomness(cfg["seed"], step, micro, rank, world, device)
+        ctx = StepContext(step, micro, rng, cfg["grad_accum"], cfg["steps"])
+        batch = batches(rng, local_batch)
+        with autocast():
+            for role, loss in objective(nets, batch, ctx):
+                if not torch.isfinite(loss).all():
+                    from .checkpoint import latest_checkpoint
+
+                    last = latest_checkpoint(run_dir) if run_dir else None
+                    raise NonFiniteLossError(
+                        f"step {step}: the {role} loss is {loss.item()} (terms: {ctx.logs}); "
+                        f"stopped. The last good checkpoint stays at {last or '(none yet)'}; "
+                        "lower train.lr or check the data.")
+                loss = loss / cfg["grad_accum"]
+                backward(loss, inputs=nets.params(role))
+                logs[f"loss/{role}"] = logs.get(f"loss/{role}", 0.0) + float(loss.detach())
+                if role not in touched:
+                    touched.append(role)
+        for k, v in ctx.logs.items():
+            logs[k] = logs.get(k, 0.0) + v / cfg["grad_accum"]
+    factor = lr_factor(step, cfg["steps"], cfg["lr_final"])
+    for role in touched:
+        params = nets.params(role)
+        if world > 1:
+            _all_reduce_mean(params)
+        if cfg["clip_grad"]:
+            torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad"])
+        for group in optimizers[role].param_groups:
+            group["lr"] = optimizers[role].base_lr * factor
+        optimizers[role].step()
+        optimizers[role].zero_grad(set_to_none=True)
+    ema_of = getattr(nets.roles, "ema_of", None)
+    if ema_of and ema_of in touched:
+        nets.roles.update_ema(cfg["ema_decay"])
+    return logs
+
+
+class LogInterval:
+    """Each logged value as its mean over the steps of a log interval where it occurred.
+
+    A method alternates roles (DMD2: 5 critic steps, then one with the student), so one step's
+    values would show only whichever role that step trained; the interval's mean shows all.
+    """
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.steps = 0
+
+    def add(self, logs: dict):
+        self.steps += 1
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def mean(self) -> dict:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
 def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
           networks=None, return_nets: bool = False):
     """Run (or resume) a recipe; returns the run folder (and the nets, if asked).
@@ -268,12 +267,7 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
         raise ValueError(f"train.batch_size={cfg['batch_size']} must be divisible by processes "
                          f"x grad_accum = {world} x {cfg['grad_accum']}")
     local_batch = cfg["batch_size"] // per_step
-    lrs = {role: (cfg["lr_critic"] if role != "student" and cfg["lr_critic"] else cfg["lr"])
-           for role in objective.roles}
-    optimizers = {role: torch.optim.AdamW(nets.params(role), lr=lrs[role],
-                                          betas=tuple(cfg["betas"]),
-                                          weight_decay=cfg["weight_decay"])
-                  for role in objective.roles}
+    optimizers = build_optimizers(objective, nets, cfg)
     weight_roles = list(objective.roles) + (["ema"] if nets.roles.ema_of else [])
 
     start = 0
@@ -300,45 +294,18 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
     bar = tqdm(range(start, end), initial=start, total=end, desc=f"train {recipe['name']}",
                disable=not (progress and main))
     t_last = time.time()
+    interval = LogInterval()
     for step in bar:
-        touched: list[str] = []
-        logs: dict[str, float] = {}
-        for micro in range(cfg["grad_accum"]):
-            rng = Randomness(cfg["seed"], step, micro, rank, world, device)
-            ctx = StepContext(step, micro, rng, cfg["grad_accum"], cfg["steps"])
-            batch = batches(rng, local_batch)
-            with accelerator.autocast():
-                for role, loss in objective(nets, batch, ctx):
-                    if not torch.isfinite(loss).all():
-                        raise NonFiniteLossError(
-                            f"step {step}: the {role} loss is {loss.item()} (terms: "
-                            f"{ctx.logs}); stopped. The last good checkpoint stays at "
-                            f"{latest_checkpoint(run_dir) or '(none yet)'}; lower train.lr or "
-                            "check the data.")
-                    loss = loss / cfg["grad_accum"]
-                    accelerator.backward(loss, inputs=nets.params(role))
-                    logs[f"loss/{role}"] = logs.get(f"loss/{role}", 0.0) + float(loss.detach())
-                    if role not in touched:
-                        touched.append(role)
-            for k, v in ctx.logs.items():
-                logs[k] = logs.get(k, 0.0) + v / cfg["grad_accum"]
-        factor = lr_factor(step, cfg["steps"], cfg["lr_final"])
-        for role in touched:
-            params = nets.params(role)
-            if world > 1:
-                _all_reduce_mean(params)
-            if cfg["clip_grad"]:
-                torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad"])
-            for group in optimizers[role].param_groups:
-                group["lr"] = lrs[role] * factor
-            optimizers[role].step()
-            optimizers[role].zero_grad(set_to_none=True)
-        if "student" in touched and nets.roles.ema_of:
-            nets.roles.update_ema(cfg["ema_decay"])
+        logs = train_step(objective, nets, optimizers, batches, step, cfg, local_batch,
+                          rank=rank, world=world, device=device, accelerator=accelerator,
+                          run_dir=run_dir)
+        interval.add(logs)
         done = step + 1
         if main and (done % cfg["log_every"] == 0 or done == end):
             now = time.time()
-            logs.update(step=done, seconds_per_step=(now - t_last) / cfg["log_every"])
+            logs = interval.mean()
+            logs.update(step=done, seconds_per_step=(now - t_last) / max(1, interval.steps))
+            interval = LogInterval()
             t_last = now
             with open(log_path, "a") as f:
                 f.write(json.dumps(logs) + "\n")
@@ -360,7 +327,7 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
     if end == cfg["steps"] and main and recipe["output"]["export"] and teacher.pipe is not None:
         from .export import export_nets
 
-        export_nets(nets, teacher, recipe, os.path.join(run_dir, "export"))
+        export_nets(nets, teacher, recipe, os.path.join(run_dir, "export"), objective=objective)
     accelerator.wait_for_everyone()
     return (run_dir, nets) if return_nets else run_dir
 
@@ -385,19 +352,17 @@ def quick_eval(nets, teacher, recipe, objective) -> dict:
     if num not in _EVAL_PROTOCOLS:
         _EVAL_PROTOCOLS[num] = Protocol(num=num, prompts_kind="single")
     protocol = _EVAL_PROTOCOLS[num]
-    times = student_times(recipe, teacher)
-    experts = sum(r.startswith("student_") for r in objective.roles)
-    role = "ema" if getattr(nets.roles, "ema_of", None) else "student"
+    sampler = objective.sampler()
 
     def sample_fn(prompts, seeds):
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        latents = generate(nets, list(prompts), times, gens, role=role, experts=experts)
+        latents = generate(nets, list(prompts), sampler, gens)
         return teacher.decode(latents)
 
     result = evaluate(sample_fn, protocol.prompts, protocol.seeds,
                       reference_features=protocol.reference, labels=protocol.labels,
                       alignment_fn=protocol.alignment_fn, extractor=protocol.extractor,
-                      nfe=float(len(times)), progress=False, keep_images=0)
+                      nfe=float(sampler.num_steps), progress=False, keep_images=0)
     result.pop("images", None)
     return {k: v for k, v in result.items() if isinstance(v, (int, float, str, dict))}
 

@@ -6,7 +6,7 @@ from conftest import tiny_recipe
 
 from diffusion_distill.recipe import load_recipe
 from diffusion_distill.student import generate
-from diffusion_distill.train import setup_run, student_times, train
+from diffusion_distill.train import setup_run, train
 from diffusion_distill.world.toy2d import MLPDenoiser, energy_distance, toy_teacher
 
 
@@ -26,13 +26,12 @@ def _toy(method, tmp_path, steps=300, num_steps=1, schedule="flow"):
     if method["name"] == "phased_dmd":
         networks = {f"student_{k}": MLPDenoiser() for k in range(num_steps)}
         networks["critic"] = MLPDenoiser()
-    _, _, nets0 = setup_run(recipe, "cpu", teacher, {k: _copy(v) for k, v in networks.items()})
-    times = student_times(recipe, teacher)
-    experts = num_steps if method["name"] == "phased_dmd" else 0
+    _, objective, nets0 = setup_run(recipe, "cpu", teacher,
+                                    {k: _copy(v) for k, v in networks.items()})
+    sampler = objective.sampler()
 
     def distance(nets):
-        x = generate(nets, [""] * 1000, times, torch.Generator().manual_seed(2),
-                     role="student", experts=experts)
+        x = generate(nets, [""] * 1000, sampler, torch.Generator().manual_seed(2), ema=False)
         return energy_distance(x, data)
 
     before = distance(nets0)

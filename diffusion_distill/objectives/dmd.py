@@ -31,19 +31,21 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..denoiser import ddim_step
-from ..parameterization import add_noise, from_x0
-from . import Objective
-
-
-def _mean_per_sample(x):
-    return x.flatten(1).mean(1)
-
-
-def _bcast(v, like):
-    return v.view(-1, *([1] * (like.ndim - 1)))
+from ..samplers import StudentSampler
+from . import Objective, RoleSettings
+from .common import (
+    GANHead,
+    bcast,
+    critic_denoising_loss,
+    dm_direction,
+    mean_per_sample,
+    native_mse,
+    renoise,
+    surrogate_loss,
+    uniform_t,
+)
 
 
 class DMD2(Objective):
@@ -92,9 +94,8 @@ class DMD2(Objective):
         return ctx.step % self.critic_steps == 0
 
     def sample_t(self, ctx, n, lo=None, hi=None):
-        lo = self.t_min if lo is None else lo
-        hi = self.t_max if hi is None else hi
-        return lo + (hi - lo) * ctx.rng.rand(n)
+        return uniform_t(ctx, n, self.t_min if lo is None else lo,
+                         self.t_max if hi is None else hi)
 
     def generate(self, nets, cond, ctx, grad: bool):
         """The student's sample x0 and the time it was generated from.
@@ -118,42 +119,16 @@ class DMD2(Objective):
         return x0, torch.full((n,), times[k], device=x0.device)
 
     def noise(self, nets, x0, t, ctx):
-        alpha, sigma = nets.schedule.alpha_sigma(t)
-        return add_noise(x0, ctx.rng.randn(*x0.shape), alpha, sigma)
-
-    def dm_direction(self, nets, x0, cond, ctx, t=None):
-        """(x0_fake - x0_real) * normaliser at a random re-noising time; no graph."""
-        t = self.sample_t(ctx, x0.shape[0]) if t is None else t
-        with torch.no_grad():
-            x_t = self.noise(nets, x0.detach(), t, ctx)
-            real = nets.teacher(x_t, t, cond, guidance=self.guidance)
-            fake = nets.critic(x_t, t, cond)
-            weight = 1.0 / _mean_per_sample((x0.detach() - real).abs()).clamp_min(1e-6)
-            return torch.nan_to_num((fake - real) * _bcast(weight, x0))
-
-    def critic_denoising_loss(self, nets, x0_target, cond, ctx, t=None, x_t=None):
-        """The critic's own denoising loss, in the backbone's native parameterisation.
-
-        Weighting like the loss the teacher was trained with (eps-MSE for eps models,
-        velocity-MSE for flow) keeps the critic's fit of the score comparable to the teacher's.
-        """
-        n = x0_target.shape[0]
-        t = self.sample_t(ctx, n) if t is None else t
-        alpha, sigma = nets.schedule.alpha_sigma(t)
-        x_t = add_noise(x0_target, ctx.rng.randn(*x0_target.shape), alpha, sigma) \
-            if x_t is None else x_t
-        pred = nets.critic(x_t, t, cond)
-        kind = nets.teacher_model.denoiser.prediction_type
-        return F.mse_loss(from_x0(pred, x_t, alpha, sigma, kind),
-                          from_x0(x0_target, x_t, alpha, sigma, kind))
+        return renoise(nets.schedule, x0, t, ctx)
 
     # -- the step -----------------------------------------------------------------------
     def __call__(self, nets, batch, ctx):
         cond = batch["cond"]
         if self.student_step(ctx):
             x0, _ = self.generate(nets, cond, ctx, grad=True)
-            grad = self.dm_direction(nets, x0, cond, ctx)
-            loss = 0.5 * F.mse_loss(x0, (x0 - grad).detach())
+            grad = dm_direction(nets, x0, cond, self.sample_t(ctx, len(cond)), ctx,
+                                guidance=self.guidance)
+            loss = surrogate_loss(x0, grad)
             ctx.log(dm=loss)
             if self.gan_weight > 0:
                 t = self.sample_t(ctx, x0.shape[0])
@@ -165,7 +140,7 @@ class DMD2(Objective):
             fake = x0.detach()
         else:
             fake = self.generate(nets, cond, ctx, grad=False)[0]
-        loss = self.critic_denoising_loss(nets, fake, cond, ctx)
+        loss = critic_denoising_loss(nets, fake, cond, self.sample_t(ctx, len(cond)), ctx)
         ctx.log(critic_denoise=loss)
         if self.gan_weight > 0:
             t = self.sample_t(ctx, fake.shape[0])
@@ -209,7 +184,8 @@ class DecoupledDMD(DMD2):
         cond = batch["cond"]
         if not self.student_step(ctx):
             fake = self.generate(nets, cond, ctx, grad=False)[0]
-            yield "critic", self.critic_denoising_loss(nets, fake, cond, ctx)
+            yield "critic", critic_denoising_loss(nets, fake, cond, self.sample_t(ctx, len(cond)),
+                                                  ctx)
             return
         x0, t_gen = self.generate(nets, cond, ctx, grad=True)
         n = x0.shape[0]
@@ -217,8 +193,13 @@ class DecoupledDMD(DMD2):
         # DM term: conditional teacher vs critic, anywhere in [t_min, t_max].
         t_dm = self.sample_t(ctx, n)
         # CA term: its own times; above the generation time, where guidance shapes layout.
-        lo = torch.maximum(t_gen, torch.full_like(t_gen, self.t_min)) \
-            if self.ca_above_student_t else torch.full_like(t_gen, self.t_min)
+        # A student step from t_gen >= t_max (every 1-step student: t_gen = 1) has no time
+        # above it in range; clamping there would put every CA evaluation at pure noise, where
+        # the guided and conditional x0 differ by a constant push outward. Such samples use the
+        # whole [t_min, t_max] instead.
+        t_min = torch.full_like(t_gen, self.t_min)
+        lo = torch.where(t_gen < self.t_max, torch.maximum(t_gen, t_min), t_min) \
+            if self.ca_above_student_t else t_min
         t_ca = lo + (self.t_max - lo).clamp_min(0) * ctx.rng.rand(n)
         with torch.no_grad():
             x_dm = self.noise(nets, x0.detach(), t_dm, ctx)
@@ -230,14 +211,15 @@ class DecoupledDMD(DMD2):
             # guided - cond = (w - 1)(cond - uncond): the CA direction, already scaled by w - 1
             dm = fake_dm - cond_dm
             ca = -(guided - cond_ca)
-            norm_dm = 1.0 / _mean_per_sample((x0.detach() - cond_dm).abs()).clamp_min(1e-6)
-            norm_ca = 1.0 / _mean_per_sample((x0.detach() - guided).abs()).clamp_min(1e-6)
-            grad = torch.nan_to_num(self.dm_weight * dm * _bcast(norm_dm, x0)
-                                    + self.ca_weight * ca * _bcast(norm_ca, x0))
-        loss = 0.5 * F.mse_loss(x0, (x0 - grad).detach())
-        ctx.log(dm_norm=_mean_per_sample(dm.abs()).mean(), ca_norm=_mean_per_sample(ca.abs()).mean())
+            norm_dm = 1.0 / mean_per_sample((x0.detach() - cond_dm).abs()).clamp_min(1e-6)
+            norm_ca = 1.0 / mean_per_sample((x0.detach() - guided).abs()).clamp_min(1e-6)
+            grad = torch.nan_to_num(self.dm_weight * dm * bcast(norm_dm, x0)
+                                    + self.ca_weight * ca * bcast(norm_ca, x0))
+        loss = surrogate_loss(x0, grad)
+        ctx.log(dm_norm=mean_per_sample(dm.abs()).mean(), ca_norm=mean_per_sample(ca.abs()).mean())
         yield "student", loss
-        yield "critic", self.critic_denoising_loss(nets, x0.detach(), cond, ctx)
+        yield "critic", critic_denoising_loss(nets, x0.detach(), cond,
+                                              self.sample_t(ctx, n), ctx)
 
 
 class PhasedDMD(DMD2):
@@ -266,6 +248,19 @@ class PhasedDMD(DMD2):
         self.num_phases = len(self.student_times)
         self.total_steps = total_steps or 1
         self.roles = tuple(f"student_{k}" for k in range(self.num_phases)) + ("critic",)
+
+    def role_settings(self, role):
+        # Every expert is a student: the student learning rate; no EMA (one per run at most,
+        # and an expert trains for only its phase).
+        if role.startswith("student_"):
+            return RoleSettings(lr="lr", ema=False)
+        return super().role_settings(role)
+
+    def sampler(self, num_steps=None):
+        self._check_steps(num_steps)
+        experts = [f"student_{k}" for k in range(self.num_phases)]
+        return StudentSampler(self.student_times, adapters=experts,
+                              export_names={e: f"expert_{k}" for k, e in enumerate(experts)})
 
     def phase(self, step: int) -> int:
         return min(step * self.num_phases // self.total_steps, self.num_phases - 1)
@@ -297,20 +292,14 @@ class PhasedDMD(DMD2):
             x_s, s = self.generate_phase(nets, cond, ctx, k, grad=True)
             tau = self.sample_t(ctx, n, lo=max(s, self.t_min))
             grad = self._direction_from(nets, x_s, s, tau, cond, ctx)
-            loss = 0.5 * F.mse_loss(x_s, (x_s - grad).detach())
-            yield f"student_{k}", loss
+            yield f"student_{k}", surrogate_loss(x_s, grad)
             x_s = x_s.detach()
         else:
             with torch.no_grad():
                 x_s, s = self.generate_phase(nets, cond, ctx, k, grad=False)
         tau = self.sample_t(ctx, n, lo=max(s, self.t_min))
         x_tau, target = self._subinterval_pair(sched, x_s, s, tau, ctx)
-        alpha, sigma = sched.alpha_sigma(tau)
-        pred = nets.critic(x_tau, tau, cond)
-        kind = nets.teacher_model.denoiser.prediction_type
-        loss = F.mse_loss(from_x0(pred, x_tau, alpha, sigma, kind),
-                          from_x0(target, x_tau, alpha, sigma, kind))
-        yield "critic", loss
+        yield "critic", native_mse(nets, nets.critic(x_tau, tau, cond), target, x_tau, tau)
 
     def _subinterval_pair(self, sched, x_s, s, tau, ctx):
         """x_tau diffused from x_s, and the critic's x0 target for it (see class docstring)."""
@@ -319,9 +308,9 @@ class PhasedDMD(DMD2):
         alpha_t, sigma_t = sched.alpha_sigma(tau)
         a = alpha_t / alpha_s
         var = (sigma_t ** 2 - a ** 2 * sigma_s ** 2).clamp_min(1e-8)
-        x_tau = _bcast(a, x_s) * x_s + _bcast(var.sqrt(), x_s) * ctx.rng.randn(*x_s.shape)
-        target = (x_tau - _bcast(sigma_t ** 2 / var, x_s) * (x_tau - _bcast(a, x_s) * x_s)) \
-            / _bcast(alpha_t, x_s)
+        x_tau = bcast(a, x_s) * x_s + bcast(var.sqrt(), x_s) * ctx.rng.randn(*x_s.shape)
+        target = (x_tau - bcast(sigma_t ** 2 / var, x_s) * (x_tau - bcast(a, x_s) * x_s)) \
+            / bcast(alpha_t, x_s)
         return x_tau, target
 
     def _direction_from(self, nets, x_s, s, tau, cond, ctx):
@@ -332,76 +321,7 @@ class PhasedDMD(DMD2):
             alpha_s, _ = nets.schedule.alpha_sigma(torch.full_like(tau, s))
             # Scores differ by alpha_tau (x0_fake - x0_real) / sigma^2; carried back to x_s
             # through d x_tau / d x_s = alpha_tau / alpha_s, normalised per sample as in DMD.
-            diff = (fake - real) * _bcast(alpha_s, x_s)
-            weight = 1.0 / _mean_per_sample((x_s.detach() - _bcast(alpha_s, x_s) * real).abs()
+            diff = (fake - real) * bcast(alpha_s, x_s)
+            weight = 1.0 / mean_per_sample((x_s.detach() - bcast(alpha_s, x_s) * real).abs()
                                             ).clamp_min(1e-6)
-            return torch.nan_to_num(diff * _bcast(weight, x_s))
-
-
-class GANHead(nn.Module):
-    """DMD2's discriminator: a small head on the critic's bottleneck features.
-
-    Features come from a forward hook on one module of the backbone (UNet ``mid_block``, or
-    the middle transformer block), so the critic adapter doubles as the discriminator's trunk.
-    """
-
-    def __init__(self, channels: int, spatial: bool):
-        super().__init__()
-        self.spatial = spatial
-        if spatial:
-            self.net = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU(),
-                                     nn.Conv2d(channels, 1, 1))
-        else:
-            self.net = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(),
-                                     nn.Linear(channels, 1))
-        self._captured = None
-        self._capture = False
-
-    @classmethod
-    def attach(cls, nets, module_name: str | None):
-        backbone = nets.teacher_model.backbone
-        module = _feature_module(backbone, module_name)
-        holder = {}
-
-        def hook(_, __, output):
-            if holder.get("head") is not None and holder["head"]._capture:
-                holder["head"]._captured = output[0] if isinstance(output, tuple) else output
-            elif "probe" in holder:
-                holder["probe"] = output[0] if isinstance(output, tuple) else output
-
-        module.register_forward_hook(hook)
-        # One probe pass to learn the feature shape.
-        holder["probe"] = None
-        shape = nets.teacher_model.latent_shape
-        device = nets.teacher_model.device
-        with torch.no_grad():
-            nets.critic(torch.zeros(1, *shape, device=device), 0.5, nets.teacher_model.prompts([""]))
-        feat = holder.pop("probe")
-        spatial = feat.ndim == 4
-        head = cls(feat.shape[1] if spatial else feat.shape[-1], spatial).to(device)
-        holder["head"] = head
-        return head
-
-    def logits(self, nets, x_t, t, cond):
-        self._capture = True
-        try:
-            nets.critic(x_t, t, cond)
-        finally:
-            self._capture = False
-        feat, self._captured = self._captured, None
-        out = self.net(feat)
-        return out.flatten(1).mean(1)
-
-
-def _feature_module(backbone, name):
-    if name:
-        return backbone.get_submodule(name)
-    if hasattr(backbone, "mid_block") and backbone.mid_block is not None:
-        return backbone.mid_block
-    for attr in ("transformer_blocks", "blocks", "single_transformer_blocks"):
-        blocks = getattr(backbone, attr, None)
-        if blocks is not None and len(blocks):
-            return blocks[len(blocks) // 2]
-    raise ValueError(f"cannot find bottleneck features in {type(backbone).__name__}; set "
-                     "method.gan_feature_module to a module name (see model.named_modules()).")
-
+            return torch.nan_to_num(diff * bcast(weight, x_s))

@@ -37,8 +37,11 @@ def teacher_from_pipeline(pipe, path=None, **kwargs) -> Teacher:
             f"{', '.join(sorted(FAMILIES))}. For anything else wrap your model as "
             "diffusion_distill.teachers.custom_teacher(fn, shape, schedule=...)."
         )
-    teacher = _family_module(FAMILIES[cls]).from_pipeline(pipe, path=path, **kwargs)
+    family = _family_module(FAMILIES[cls])
+    teacher = family.from_pipeline(pipe, path=path, **kwargs)
     teacher.family = FAMILIES[cls] if FAMILIES[cls] != "pixart" else teacher.family
+    # the module whose features a discriminator head reads (DMD2's GAN term, SiDA)
+    teacher.feature_module = family.feature_module(teacher.backbone)
     return teacher
 
 

@@ -111,3 +111,8 @@ def from_pipeline(pipe, prediction_type=None, guidance_scale=None, default_steps
     if not guided:
         denoiser.uncond = teacher.prompts([""])
     return teacher
+
+
+def feature_module(backbone) -> str:
+    """The middle transformer block, where a discriminator head reads the critic's features."""
+    return f"transformer_blocks.{len(backbone.transformer_blocks) // 2}"

@@ -78,3 +78,8 @@ def from_pipeline(pipe, prediction_type=None, guidance_scale=4.5, default_steps=
     teacher.time_shift = flow_time_shift(pipe.scheduler)
     denoiser.uncond = encode_negative([""]).to(device)
     return teacher
+
+
+def feature_module(backbone) -> str:
+    """The middle transformer block, where a discriminator head reads the critic's features."""
+    return f"transformer_blocks.{len(backbone.transformer_blocks) // 2}"

@@ -39,3 +39,8 @@ def from_pipeline(pipe, prediction_type=None, guidance_scale=7.5, default_steps=
                       default_guidance=guidance_scale, path=path)
     denoiser.uncond = teacher.prompts([""])
     return teacher
+
+
+def feature_module(backbone) -> str:
+    """The UNet's bottleneck, where a discriminator head reads the critic's features."""
+    return "mid_block"

@@ -33,3 +33,8 @@ def from_pipeline(pipe, prediction_type=None, guidance_scale=7.0, default_steps=
     teacher.time_shift = flow_time_shift(pipe.scheduler, (shape[1] // 2) * (shape[2] // 2))
     denoiser.uncond = teacher.prompts([""])
     return teacher
+
+
+def feature_module(backbone) -> str:
+    """The middle transformer block, where a discriminator head reads the critic's features."""
+    return f"transformer_blocks.{len(backbone.transformer_blocks) // 2}"

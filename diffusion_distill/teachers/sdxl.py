@@ -77,3 +77,8 @@ def from_pipeline(pipe, prediction_type=None, guidance_scale=5.0, default_steps=
                        "time_ids": uncond.tensors["time_ids"]})
     denoiser.uncond = uncond
     return teacher
+
+
+def feature_module(backbone) -> str:
+    """The UNet's bottleneck, where a discriminator head reads the critic's features."""
+    return "mid_block"

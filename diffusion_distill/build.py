@@ -1,0 +1,132 @@
+"""Building a run's pieces from a resolved recipe: teacher, objective, roles, and restoring a
+run folder's latest weights. Training, export and evaluation all start here, so none of them
+needs the training loop.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .objectives import Objective, build_objective
+from .recipe import load_recipe
+from .samplers import snap_to_train_steps
+from .schedules import student_timesteps
+from .student import Nets, SeparateRoles, SharedBaseRoles
+
+
+def build_teacher(recipe, device="cpu"):
+    from .teachers import load_teacher, teacher_from_pipeline
+
+    spec = recipe["teacher"]
+    kwargs = {}
+    if spec["guidance"] is not None:
+        kwargs["guidance_scale"] = spec["guidance"]
+    if spec["prediction_type"] is not None:
+        kwargs["prediction_type"] = spec["prediction_type"]
+    if spec["build"]:
+        module, fn = spec["build"].split(":")
+        import importlib
+
+        pipe = getattr(importlib.import_module(module), fn)()
+        teacher = teacher_from_pipeline(pipe, **kwargs)
+    else:
+        teacher = load_teacher(spec["path"], **kwargs)
+    return teacher.to(device)
+
+
+def ema_role(recipe, objective: Objective) -> str | None:
+    """The one role whose EMA the run keeps (the objective says which), or None."""
+    if recipe["train"]["ema_decay"] is None:
+        return None
+    wanted = [r for r in objective.roles if objective.role_settings(r).ema]
+    if len(wanted) > 1:
+        raise ValueError(f"{type(objective).__name__} asks for an EMA of {wanted}; a run keeps "
+                         "one EMA adapter. Declare ema=True for one role in role_settings.")
+    return wanted[0] if wanted else None
+
+
+def build_nets(recipe, teacher, objective: Objective, networks=None) -> Nets:
+    s = recipe["student"]
+    ema_of = ema_role(recipe, objective)
+    ema = ema_of is not None
+    if networks is None and teacher.pipe is None:
+        networks = {}  # a custom teacher has no base to put adapters on: user networks only
+    if networks is not None:  # a custom teacher's own student / critic networks
+        missing = [r for r in objective.roles if r not in networks]
+        if missing:
+            raise ValueError(
+                f"method {recipe['method']['name']!r} trains the roles {list(objective.roles)}; "
+                f"networks= gives {sorted(networks)}. Pass one module for each of {missing} "
+                "(each called like the teacher: x0 = net(x_t, t, cond)).")
+        roles = SeparateRoles(teacher.backbone, networks=networks, roles=objective.roles,
+                              ema=ema, ema_of=ema_of or "student")
+    elif s["mode"] == "lora":
+        roles = SharedBaseRoles(teacher.backbone, roles=objective.roles, rank=s["rank"],
+                                alpha=s["alpha"], target_modules=s["target_modules"], ema=ema,
+                                ema_of=ema_of or "student")
+    elif s["mode"] == "full":
+        roles = SeparateRoles(teacher.backbone, roles=objective.roles, ema=ema,
+                              ema_of=ema_of or "student")
+    else:
+        raise ValueError(f"student.mode must be 'lora' or 'full', got {s['mode']!r}")
+    return Nets(teacher, roles, guidance=recipe["teacher"]["guidance"])
+
+
+def student_times(recipe, teacher) -> list[float]:
+    """The student's sampling times, highest first.
+
+    On VP schedules they are snapped to the scheduler's integer steps (999, 749, ...), so the
+    exported LCMScheduler visits exactly the times the student was trained at.
+    """
+    s = recipe["student"]
+    times = [float(t) for t in s["timesteps"]] if s["timesteps"] else \
+        student_timesteps(s["num_steps"], teacher.schedule)
+    if teacher.schedule.kind == "vp" and teacher.pipe is not None:  # custom: continuous t
+        times = snap_to_train_steps(teacher.schedule, times)
+    return times
+
+
+def setup_run(recipe: dict, device="cpu", teacher=None, networks=None):
+    """(teacher, objective, nets) for a resolved recipe: what training and export share.
+
+    ``teacher`` (e.g. a custom teacher) and ``networks`` ({role: module}) replace what the
+    recipe's teacher section would build.
+    """
+    teacher = build_teacher(recipe, device) if teacher is None else teacher.to(device)
+    objective = build_objective(recipe["method"], student_times=student_times(recipe, teacher),
+                                total_steps=recipe["train"]["steps"])
+    nets = build_nets(recipe, teacher, objective, networks)
+    objective.setup(nets)  # e.g. DMD2's GAN head, trained with the critic
+    return teacher, objective, nets
+
+
+@dataclass
+class Run:
+    """A run's pieces: what ``setup_run`` builds, and the recipe it was built from."""
+
+    teacher: object
+    objective: Objective
+    nets: Nets
+    recipe: dict
+
+
+def restore_run(run_dir: str, device="cpu") -> Run:
+    """A run folder's pieces with its latest checkpoint's weights loaded."""
+    from .checkpoint import latest_checkpoint, load_checkpoint
+
+    path = os.path.join(run_dir, "recipe.yaml")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir!r} is not a run folder: no recipe.yaml. Give the "
+                                "folder `ddistill train` printed (runs/<name> by default).")
+    recipe = load_recipe(path)
+    torch.manual_seed(recipe["train"]["seed"])
+    teacher, objective, nets = setup_run(recipe, device)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"run {run_dir!r} has no checkpoint yet")
+    weights, _, _ = load_checkpoint(ckpt)
+    for role, state in weights.items():
+        nets.load_state_dict(role, state)
+    return Run(teacher, objective, nets, recipe)
