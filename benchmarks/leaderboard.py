@@ -36,7 +36,7 @@ TEACHER_GUIDANCE = 5.0
 
 def main(argv=None):
     from diffusion_distill.bench import run_bench
-    from diffusion_distill.eval.cli import _write_json as write_json
+    from diffusion_distill.eval.protocol import write_json
     from diffusion_distill.recipe import load_recipe
     from diffusion_distill.train import train
 

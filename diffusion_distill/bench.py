@@ -163,7 +163,7 @@ def model_fingerprint(path: str | None) -> str | None:
     multi-GB pipeline; a retrained or replaced model changes it)."""
     if path is None:
         return None
-    from .eval.cli import _resolve
+    from .eval.protocol import resolve_path as _resolve
 
     folder = _resolve(path)
     if not os.path.isdir(folder):
@@ -194,8 +194,7 @@ def _finished(path: str, protocol: dict) -> dict | None:
 
 def run_bench(spec: dict, out: str, cache_dir=None, rerun=False, progress=True,
               log=print) -> dict:
-    from .eval.cli import Protocol, evaluate_loaded
-    from .eval.cli import _write_json as write_json
+    from .eval.protocol import Protocol, evaluate_loaded, write_json
     from .world.data import save_grid
 
     spec = normalize_spec(spec)  # specs built in code get the same checks and defaults
@@ -291,11 +290,11 @@ class StandardProtocol:
         import numpy as np
         from PIL import Image
 
-        from .eval.cli import backbone_of, make_sample_fn, model_head
         from .eval.evaluate import NFECounter
+        from .eval.protocol import backbone_of, make_sample_fn, model_head
         from .eval.standard import evaluate_standard, image_files
 
-        call, pipe, _, _ = loaded
+        call, pipe = loaded.call, loaded.pipe
         head, steps = model_head(loaded, steps, guidance, name)
         cell = f"{name}-steps{head['steps']}-cfg{head['guidance']}"
         folder = os.path.join(self.out, "samples", re.sub(r"[^A-Za-z0-9_.-]+", "_", cell))
@@ -343,7 +342,7 @@ def evaluate_real(protocol, batch_size=50, progress=True):
 def _loaded_model(c: dict, loaded: dict):
     """The cell's model, from ``loaded`` when the previous cell used it. One model is held at
     a time, so a big teacher and a student never share RAM."""
-    from .eval.cli import load_model
+    from .eval.protocol import load_model
 
     key = (c["path"], c.get("teacher"))
     if key not in loaded:
@@ -356,7 +355,7 @@ def _loaded_model(c: dict, loaded: dict):
 def _cell_latency(c, spec, out, protocol, loaded, rerun, log) -> dict:
     """The cell's timings at each batch size, from its own file when made with the same
     settings (so a resumed benchmark does not time a finished cell again)."""
-    from .eval.cli import _write_json as write_json
+    from .eval.protocol import write_json
 
     path = os.path.join(out, "cells", f"{c['id']}.latency.json")
     settings = {**spec["latency"], "device": _device_name(),
@@ -388,9 +387,9 @@ def measure_latency(loaded, steps, guidance, prompts, batch_sizes=(1, 16), repea
     Returns ``{str(batch_size): {seconds_per_batch, seconds_per_image, images_per_second,
     peak_memory_gb (CUDA only)}}``.
     """
-    from .eval.cli import backbone_of, make_sample_fn
+    from .eval.protocol import backbone_of, make_sample_fn
 
-    call, pipe, kind, defaults = loaded
+    call, pipe, kind, defaults = loaded.call, loaded.pipe, loaded.kind, loaded.defaults
     if kind == "teacher" and steps is None:
         steps = defaults["steps"]
     sample_fn = make_sample_fn(call, steps, guidance)

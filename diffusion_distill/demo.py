@@ -18,8 +18,8 @@ DEFAULT_RECIPE = "recipes/dmd2_sd3.yaml"  # the embedded teacher that meets the 
 
 def run_demo(recipe: str = DEFAULT_RECIPE, overrides=(), num: int = 250, out: str = "runs/demo",
              teacher_steps: int = 50, progress: bool = True) -> dict:
-    from .eval.cli import Protocol, evaluate_loaded, load_model
     from .eval.evaluate import summary_table
+    from .eval.protocol import Protocol, evaluate_loaded, load_model
     from .recipe import load_recipe
     from .train import train
     from .world.data import save_grid
@@ -73,12 +73,12 @@ def _teacher_row(path, protocol, steps, guidance, progress):
     and its many-step sampling is most of the demo's evaluation time."""
     import hashlib
 
-    from .eval.cli import evaluate_loaded, load_model
     from .eval.evaluate import cache_dir
+    from .eval.protocol import evaluate_loaded, load_model
     from .export import base_fingerprint
 
     loaded = load_model(path)
-    pipe = loaded[1]
+    pipe = loaded.pipe
     backbone = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
     key = json.dumps({"teacher": base_fingerprint(backbone), "steps": steps,
                       "guidance": guidance, **protocol.describe()}, sort_keys=True)

@@ -21,8 +21,6 @@ import hashlib
 import json
 import os
 
-import torch
-
 CONFIG_NAME = "distill_config.json"
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -174,8 +172,8 @@ def usage_snippet(config: dict) -> list[str]:
         "import json, torch, diffusers",
         "cfg = json.load(open('EXPORT/distill_config.json'))",
         "pipe = diffusers.DiffusionPipeline.from_pretrained(cfg['teacher']['pretrained'])",
-        "pipe.scheduler = getattr(diffusers, cfg['scheduler']['class']).from_config("
-        "cfg['scheduler']['config'])",
+        ("pipe.scheduler = getattr(diffusers, cfg['scheduler']['class']).from_config("
+         "cfg['scheduler']['config'])"),
     ]
     if config["adapters"]:
         lines += [
@@ -187,15 +185,15 @@ def usage_snippet(config: dict) -> list[str]:
             "    pipe.set_adapters(per_step[min(i + 1, len(per_step) - 1)])",
             "    return kwargs",
             "torch.manual_seed(0x9E3779B9 + 0)  # flow pipelines re-noise from the global RNG",
-            "image = pipe('a red circle', generator=torch.Generator().manual_seed(0), "
-            "callback_on_step_end=switch, **cfg['call']).images[0]",
+            ("image = pipe('a red circle', generator=torch.Generator().manual_seed(0), "
+             "callback_on_step_end=switch, **cfg['call']).images[0]"),
         ]
     else:
         lines += [
             "pipe.load_lora_weights('EXPORT')",
             "torch.manual_seed(0x9E3779B9 + 0)  # flow pipelines re-noise from the global RNG",
-            "image = pipe('a red circle', generator=torch.Generator().manual_seed(0), "
-            "**cfg['call']).images[0]",
+            ("image = pipe('a red circle', generator=torch.Generator().manual_seed(0), "
+             "**cfg['call']).images[0]"),
         ]
     return lines
 

@@ -9,10 +9,11 @@ import torch
 def sample(path: str, prompts: list[str], seed: int = 0, steps: int | None = None,
            guidance: float | None = None, teacher: str | None = None) -> torch.Tensor:
     """Images in [-1, 1] through plain diffusers, one seed per prompt (seed, seed+1, ...)."""
-    from .eval.cli import load_model, make_sample_fn
+    from .eval.protocol import load_model, make_sample_fn
 
-    call, _, _, defaults = load_model(path, teacher)
-    fn = make_sample_fn(call, steps if steps is not None else defaults["steps"],
+    model = load_model(path, teacher)
+    defaults = model.defaults
+    fn = make_sample_fn(model.call, steps if steps is not None else defaults["steps"],
                         guidance if guidance is not None else defaults["guidance"])
     return fn(prompts, [seed + i for i in range(len(prompts))])
 

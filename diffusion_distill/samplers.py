@@ -19,6 +19,7 @@ A method with a rule of its own subclasses :class:`StudentSampler` (``step``, ``
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 
@@ -42,7 +43,7 @@ class StudentSampler:
         times = [float(t) for t in times]
         if not times:
             raise ValueError("a student sampler needs at least one time")
-        if any(not 0.0 < t <= 1.0 for t in times) or any(a <= b for a, b in zip(times, times[1:])):
+        if any(not 0.0 < t <= 1.0 for t in times) or any(a <= b for a, b in itertools.pairwise(times)):
             raise ValueError(f"student times must lie in (0, 1] and strictly decrease, got "
                              f"{times}; e.g. student.timesteps=[1.0, 0.5]")
         adapters = list(adapters) if adapters else ["student"] * len(times)

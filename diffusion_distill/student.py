@@ -25,7 +25,7 @@ import copy
 import torch
 from torch import nn
 
-from .denoiser import Denoiser, ddim_step
+from .denoiser import Denoiser
 
 TEACHER = "teacher"
 DEFAULT_TARGETS = {
@@ -299,7 +299,7 @@ def generate(nets: Nets, prompts: list[str], sampler, generator=None, role: str 
     """
     from diffusers.utils.torch_utils import randn_tensor
 
-    from .samplers import StudentSampler, seeded_global_rng
+    from .samplers import StudentSampler, seeded_global_rng, snap_to_train_steps
 
     if not isinstance(sampler, StudentSampler):
         sampler = StudentSampler(list(sampler))
@@ -309,6 +309,9 @@ def generate(nets: Nets, prompts: list[str], sampler, generator=None, role: str 
     cond = teacher.prompts(prompts)
     schedule = nets.schedule
     times = sampler.times
+    if schedule.kind == "vp" and teacher.pipe is not None:
+        # the exported scheduler visits integer DDPM steps; evaluate exactly there
+        times = snap_to_train_steps(schedule, times)
     x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
     # SD3/Flux pipelines do not hand the generator to the scheduler, so a stochastic flow
     # step draws from torch's global RNG there; load_student seeds that RNG from the

@@ -344,8 +344,8 @@ def quick_eval(nets, teacher, recipe, objective) -> dict:
     drawn with the toolkit's own few-step sampler, so curves of FD against training step need
     no extra sampling afterwards. Needs the world (data.source: world).
     """
-    from .eval.cli import Protocol
     from .eval.evaluate import evaluate
+    from .eval.protocol import Protocol
     from .student import generate
 
     num = recipe["train"]["eval_num"]

@@ -49,7 +49,7 @@ def test_world_alignment_wrapper_passes_model_resizes_and_drops_per_sample(monke
 
     import torch
 
-    from diffusion_distill.eval.cli import world_alignment
+    from diffusion_distill.eval.protocol import world_alignment
 
     seen = {}
     fake = types.ModuleType("diffusion_distill.world.classifier")
