@@ -6,9 +6,10 @@ Three measurements, each in its own fresh subprocess so that peaks do not mix:
   Written with diffusers/peft directly (``unet.add_adapter``), as a LoRA fine-tune script would.
 * ``dmd2_lora``: one DMD2 student step plus one critic step with the toolkit's own pieces:
   ``Teacher`` (``Denoiser`` + ``call_unet`` + ``VPSchedule``, CFG on), ``SharedBaseRoles``
-  (student, critic and EMA adapters on the one frozen base), ``Nets``, ``DMD2``, iterated exactly
-  as ``train.py`` does: ``for role, loss in objective(...): loss.backward(inputs=params)``, then
-  clip and an AdamW step per role and the EMA update. A critic-only (TTUR) step is timed too.
+  (student, critic and EMA adapters on the one frozen base), ``Nets``, ``DMD2``, and the
+  training loop's own ``train.train_step`` (backward per yielded role, then clip and an AdamW
+  step per role and the EMA update), observed phase by phase. A critic-only (TTUR) step is
+  timed too.
 * ``dmd2_full``: the same step with three separate full networks (``SeparateRoles``: frozen
   teacher, full student and critic copies, AdamW on both). On a machine that cannot hold it,
   the worker stops before it would pass the memory budget (it never asks for more) and the
@@ -259,7 +260,7 @@ def run_dmd2(args, mon: Monitor, full: bool) -> dict:
     from diffusion_distill.student import Nets, SeparateRoles, SharedBaseRoles
     from diffusion_distill.teachers.base import Teacher
     from diffusion_distill.teachers.sd import call_unet
-    from diffusion_distill.train import Randomness, StepContext
+    from diffusion_distill.train import build_optimizers, train_step
 
     t_build = time.perf_counter()
     unet, scheduler, text, uncond_text, latent_shape = build(args.small, args.device)
@@ -277,8 +278,11 @@ def run_dmd2(args, mon: Monitor, full: bool) -> dict:
         roles = SharedBaseRoles(unet, roles=objective.roles, rank=RANK, ema=True)
     nets = Nets(teacher, roles, guidance=GUIDANCE)
     objective.setup(nets)
-    optimizers = {r: torch.optim.AdamW(nets.params(r), lr=LR, weight_decay=0.0)
-                  for r in objective.roles}
+    # The settings train_step reads, as a recipe's train section would give them.
+    cfg = {"grad_accum": 1, "seed": 0, "steps": 1000, "lr": LR, "lr_critic": None,
+           "lr_final": None, "betas": [0.9, 0.999], "weight_decay": 0.0,
+           "clip_grad": CLIP_GRAD, "ema_decay": EMA_DECAY}
+    optimizers = build_optimizers(objective, nets, cfg)
     trainable = {r: count(nets.params(r)) for r in objective.roles}
     mon.mark("roles built", seconds=round(time.perf_counter() - t_build, 1))
     batch = {"prompts": ["a random prompt"], "cond": Cond({"prompt_embeds": text})}
@@ -293,35 +297,29 @@ def run_dmd2(args, mon: Monitor, full: bool) -> dict:
                        stop_needs_gb=round(extra / GB, 3))
             raise BudgetStop(what)
 
-    def step(i, kind="student"):
-        # The loop's step, written out (train.py): backward per yielded role, then per role
-        # clip + AdamW step + zero_grad, then the EMA update.
-        step_index = CRITIC_STEPS * i + (0 if kind == "student" else 1)
-        rng = Randomness(seed=0, step=step_index, micro=0, device=args.device)
-        ctx = StepContext(step_index, 0, rng, num_micro=1, total_steps=1000)
-        touched, losses = [], {}
-        for role, loss in objective(nets, batch, ctx):
+    def observe(event, role):
+        # Marks and budget guards around the phases of the toolkit's own train_step.
+        if event == "forward":
             mon.mark(f"{role} forward" + (" (+ teacher CFG and critic passes)"
                                           if role == "student" else ""))
             # a full network's backward allocates a gradient the size of its weights
             if full and nets.params(role)[0].grad is None:
                 guard(f"{role} backward", param_bytes(role))
-            loss.backward(inputs=nets.params(role))
+        elif event == "backward":
             mon.mark(f"{role} backward")
-            losses[role] = loss.item()
-            touched.append(role)
-        for role in touched:
-            params = nets.params(role)
-            if full and not optimizers[role].state:
-                guard(f"{role} AdamW step (first: allocates exp_avg, exp_avg_sq)",
-                      2 * param_bytes(role))
-            torch.nn.utils.clip_grad_norm_(params, CLIP_GRAD)
-            optimizers[role].step()
-            optimizers[role].zero_grad(set_to_none=True)
+        elif event == "before_step" and full and not optimizers[role].state:
+            guard(f"{role} AdamW step (first: allocates exp_avg, exp_avg_sq)",
+                  2 * param_bytes(role))
+        elif event == "step":
             mon.mark(f"{role} optimizer step")
-        if "student" in touched and roles.ema_of:
-            roles.update_ema(EMA_DECAY)
-        return losses
+
+    def step(i, kind="student"):
+        # The loop's own step (train.train_step): backward per yielded role, then per role
+        # clip + AdamW step + zero_grad, then the EMA update.
+        step_index = CRITIC_STEPS * i + (0 if kind == "student" else 1)
+        logs = train_step(objective, nets, optimizers, lambda rng, n: batch, step_index, cfg,
+                          local_batch=1, device=args.device, observe=observe)
+        return {k[len("loss/"):]: v for k, v in logs.items() if k.startswith("loss/")}
 
     result = {"base_params": base_params, "trainable_params": trainable,
               "networks": 3 if full else 1,

@@ -159,13 +159,17 @@ def build_optimizers(objective, nets, cfg) -> dict:
 
 def train_step(objective, nets, optimizers, batches, step: int, cfg: dict, local_batch: int,
                rank: int = 0, world: int = 1, device="cpu", accelerator=None,
-               run_dir: str | None = None) -> dict:
+               run_dir: str | None = None, observe=None) -> dict:
     """One optimisation step of every role the objective trains at ``step``.
 
     The one training step: the loop, the teachers' own training (a ``denoising`` recipe) and
     ``benchmarks/memory.py`` all call this. Returns the step's logs: ``loss/<role>`` and the
-    objective's terms, each a mean over the accumulation micro-batches.
+    objective's terms, each a mean over the accumulation micro-batches. ``observe(event,
+    role)``, if given, is called before and after each backward and optimizer step (events
+    ``forward``, ``backward``, ``before_step``, ``step``): how the memory benchmark measures
+    this very step.
     """
+    observe = observe or (lambda event, role: None)
     touched: list[str] = []
     logs: dict[str, float] = {}
     backward = accelerator.backward if accelerator is not None else \
@@ -186,7 +190,9 @@ def train_step(objective, nets, optimizers, batches, step: int, cfg: dict, local
                         f"stopped. The last good checkpoint stays at {last or '(none yet)'}; "
                         "lower train.lr or check the data.")
                 loss = loss / cfg["grad_accum"]
+                observe("forward", role)
                 backward(loss, inputs=nets.params(role))
+                observe("backward", role)
                 logs[f"loss/{role}"] = logs.get(f"loss/{role}", 0.0) + float(loss.detach())
                 if role not in touched:
                     touched.append(role)
@@ -201,8 +207,10 @@ def train_step(objective, nets, optimizers, batches, step: int, cfg: dict, local
             torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad"])
         for group in optimizers[role].param_groups:
             group["lr"] = optimizers[role].base_lr * factor
+        observe("before_step", role)
         optimizers[role].step()
         optimizers[role].zero_grad(set_to_none=True)
+        observe("step", role)
     ema_of = getattr(nets.roles, "ema_of", None)
     if ema_of and ema_of in touched:
         nets.roles.update_ema(cfg["ema_decay"])
