@@ -125,14 +125,43 @@ def parse_override(item: str) -> tuple[list[str], object]:
     return key.split("."), yaml.safe_load(raw)
 
 
+PACKAGED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+
+
+def packaged_recipes() -> list[str]:
+    """The shipped recipes' names (``dmd2_sd``, ``teachers/sd_unet``, ``hub/dmd2_sdxl``, ...)."""
+    names = []
+    for root, _, files in os.walk(PACKAGED):
+        for f in files:
+            if f.endswith(".yaml"):
+                rel = os.path.relpath(os.path.join(root, f), PACKAGED)
+                names.append(rel[: -len(".yaml")].replace(os.sep, "/"))
+    return sorted(names)
+
+
+def find_recipe(path: str) -> str:
+    """A recipe file: ``path`` itself, or a shipped recipe named ``dmd2_sd``,
+    ``dmd2_sd.yaml`` or ``recipes/dmd2_sd.yaml`` (so an installed toolkit finds its recipes
+    from any folder)."""
+    if os.path.isfile(path):
+        return path
+    name = path[len("recipes/"):] if path.startswith("recipes/") else path
+    candidate = os.path.join(PACKAGED, name if name.endswith(".yaml") else name + ".yaml")
+    if os.path.isfile(candidate):
+        return candidate
+    shipped = packaged_recipes()
+    raise FileNotFoundError(
+        f"recipe {path!r} not found: not a file, and not a shipped recipe. Shipped recipes "
+        f"(give the name or recipes/NAME.yaml): {', '.join(shipped[:30])}"
+        + (" ..." if len(shipped) > 30 else ""))
+
+
 def load_recipe(path_or_dict, overrides: list[str] = ()) -> dict:
     """The resolved recipe: defaults, then the file, then ``key=value`` overrides."""
     if isinstance(path_or_dict, dict):
         data = copy.deepcopy(path_or_dict)
     else:
-        if not os.path.isfile(path_or_dict):
-            raise FileNotFoundError(f"recipe {path_or_dict!r} not found; see recipes/ for the "
-                                    "shipped ones.")
+        path_or_dict = find_recipe(path_or_dict)
         with open(path_or_dict) as f:
             data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):

@@ -198,7 +198,7 @@ def train_step(objective, nets, optimizers, batches, step: int, cfg: dict, local
                     touched.append(role)
         for k, v in ctx.logs.items():
             logs[k] = logs.get(k, 0.0) + v / cfg["grad_accum"]
-    factor = lr_factor(step, cfg["steps"], cfg["lr_final"])
+    factor = lr_factor(step, cfg["steps"], cfg["lr_final"], cfg.get("warmup_steps", 0))
     for role in touched:
         params = nets.params(role)
         if world > 1:
@@ -213,7 +213,10 @@ def train_step(objective, nets, optimizers, batches, step: int, cfg: dict, local
         observe("step", role)
     ema_of = getattr(nets.roles, "ema_of", None)
     if ema_of and ema_of in touched:
-        nets.roles.update_ema(cfg["ema_decay"])
+        decay = cfg["ema_decay"]
+        if cfg.get("ema_warmup"):  # the decay grows to its set value over the first steps
+            decay = min(decay, (1 + step) / (10 + step))
+        nets.roles.update_ema(decay)
     return logs
 
 
@@ -252,6 +255,11 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
     from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
     recipe = load_recipe(recipe, overrides)
+    if recipe["teacher"]["build"] and teacher is None:
+        # A fresh pipeline trained from scratch: a teacher recipe (recipes/teachers/).
+        from .teacher_training import train_teacher
+
+        return train_teacher(recipe, log=print if progress else (lambda s: None))
     cfg = recipe["train"]
     if cfg["mixed_precision"] == "fp16":
         raise ValueError("train.mixed_precision=fp16 needs loss scaling per role, which this "

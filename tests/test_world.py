@@ -114,7 +114,7 @@ def _losses(run_dir):
 def test_shortened_teacher_recipe_trains_and_saves_a_pipeline(tmp_path):
     from diffusers import DiffusionPipeline
 
-    from diffusion_distill.world.train_teachers import train_teacher
+    from diffusion_distill.teacher_training import train_teacher
 
     out = str(tmp_path / "sd" / "pipeline")
     train_teacher("sd", ["train.steps=24", "train.batch_size=8", "train.log_every=4",
@@ -128,7 +128,7 @@ def test_shortened_teacher_recipe_trains_and_saves_a_pipeline(tmp_path):
 
 
 def test_shortened_sd3_recipe_runs(tmp_path):
-    from diffusion_distill.world.train_teachers import train_teacher
+    from diffusion_distill.teacher_training import train_teacher
 
     out = str(tmp_path / "sd3" / "pipeline")
     train_teacher("sd3", ["train.steps=2", "train.batch_size=4", "train.log_every=1"], out=out,

@@ -4,7 +4,9 @@ Contract (see ``Objective``): hyperparameters in ``__init__``; ``__call__(nets, 
 is a generator yielding ``(role, loss)`` pairs. The loop back-propagates each loss into that
 role's parameters as soon as it is yielded (so only one graph is alive at a time), and steps
 each role's optimizer after the accumulation steps. Adding a method is one file here, one
-recipe and one test: no registry or loop edits, because ``method.name`` is resolved below.
+recipe and one test: no registry or loop edits. A class declares its recipe name
+(``name = "dmd2"``) and ``method.name`` is looked up among the modules of this package, or
+given as a dotted ``package.module:Class`` naming an :class:`Objective` subclass.
 """
 from __future__ import annotations
 
@@ -13,16 +15,6 @@ import inspect
 from dataclasses import dataclass
 
 from ..samplers import StudentSampler
-
-# short names used in recipes -> "module:Class" inside this package
-SHORT_NAMES = {
-    "denoising": "denoising:Denoising",
-    "dmd": "dmd:DMD",
-    "dmd2": "dmd:DMD2",
-    "decoupled_dmd": "dmd:DecoupledDMD",
-    "phased_dmd": "dmd:PhasedDMD",
-}
-
 
 @dataclass(frozen=True)
 class RoleSettings:
@@ -44,6 +36,7 @@ class Objective:
     need to know a method's name or how it names its roles.
     """
 
+    name: str | None = None  # the recipe's method.name for the shipped methods
     roles: tuple[str, ...] = ("student",)
     needs_data: bool = False
     # set by build_objective from the recipe (student.num_steps / student.timesteps)
@@ -81,15 +74,46 @@ class Objective:
                              "those (or train with student.num_steps set to it).")
 
 
+def short_names() -> dict[str, type]:
+    """{recipe name: class} of every objective declared in this package's modules."""
+    import pkgutil
+
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name == "common":
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for obj in vars(module).values():
+            if (inspect.isclass(obj) and issubclass(obj, Objective)
+                    and obj.__module__ == module.__name__ and obj.name):
+                found[obj.name] = obj
+    return found
+
+
 def resolve(name: str):
-    target = SHORT_NAMES.get(name, name)
-    if ":" not in target:
-        raise ValueError(f"unknown method {name!r}; short names: {', '.join(SHORT_NAMES)}, "
-                         "or a dotted 'package.module:Class'.")
-    module, cls = target.split(":")
-    if name in SHORT_NAMES:
-        module = f"{__name__}.{module}"
-    return getattr(importlib.import_module(module), cls)
+    """The objective class of a recipe's ``method.name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"method.name must be a method's name, got {name!r}")
+    if ":" not in name:
+        names = short_names()
+        if name not in names:
+            raise ValueError(f"unknown method {name!r}; the methods: {', '.join(sorted(names))}, "
+                             "or a dotted 'package.module:Class' naming an Objective subclass.")
+        return names[name]
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"method.name {name!r}: cannot import module {module_name!r} ({e}); "
+                         "check the spelling and that it is on the Python path.") from None
+    cls = getattr(module, attr, None)
+    # a recipe may only name an objective, never an arbitrary callable
+    if not (inspect.isclass(cls) and issubclass(cls, Objective)):
+        raise ValueError(f"method.name {name!r} does not name an Objective subclass (found "
+                         f"{type(cls).__name__ if cls is not None else 'nothing'}); a dotted "
+                         "method must be a class deriving from diffusion_distill.objectives."
+                         "Objective.")
+    return cls
 
 
 def build_objective(method: dict, **context) -> Objective:

@@ -44,6 +44,8 @@ class Denoising(Objective):
             errors as v does, so "v" leaves it unchanged.
     """
 
+    name = "denoising"
+
     roles = ("student",)
     needs_data = True
 

@@ -62,6 +62,8 @@ class DMD2(Objective):
             student itself (DMD2 sec. 4.5) rather than noising real data.
     """
 
+    name = "dmd2"
+
     roles = ("student", "critic")
 
     def __init__(self, critic_steps: int = 5, t_min: float = 0.02, t_max: float = 0.98,
@@ -155,6 +157,8 @@ class DMD2(Objective):
 class DMD(DMD2):
     """The original DMD direction without the regression loss: one critic step per student step."""
 
+    name = "dmd"
+
     def __init__(self, t_min: float = 0.02, t_max: float = 0.98, guidance: float | None = None,
                  student_times: list[float] | None = None, total_steps: int | None = None):
         super().__init__(critic_steps=1, t_min=t_min, t_max=t_max, guidance=guidance,
@@ -169,6 +173,8 @@ class DecoupledDMD(DMD2):
         ca_above_student_t: re-noise the CA term only at times above the student's generation
             time (the paper's decoupled schedule); the DM term uses [t_min, t_max].
     """
+
+    name = "decoupled_dmd"
 
     def __init__(self, ca_weight: float = 1.0, dm_weight: float = 1.0,
                  ca_above_student_t: bool = True, critic_steps: int = 5, t_min: float = 0.02,
@@ -238,6 +244,8 @@ class PhasedDMD(DMD2):
 
     i.e. denoising score matching from x_s, the subinterval form of the critic's loss.
     """
+
+    name = "phased_dmd"
 
     def __init__(self, student_times: list[float] | None = None, critic_steps: int = 5,
                  t_min: float = 0.02, t_max: float = 0.98, guidance: float | None = None,

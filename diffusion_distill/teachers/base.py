@@ -93,6 +93,9 @@ class Teacher:
         # Flow teachers sample on shifted times (SD3's ``shift``, Flux's resolution-dependent
         # ``exp(mu)``); the family file sets it so that ``sample`` visits the pipeline's times.
         self.time_shift: float | None = None
+        # a module name in the backbone for discriminator features (set per family; a custom
+        # teacher's user names it with method.gan_feature_module)
+        self.feature_module: str | None = None
         # A teacher without text conditioning still needs batch sizes: empty Conds carry them.
         self.prompts = PromptCache(encode_prompts or (lambda ps: Cond({}, batch=len(ps))))
         for p in denoiser.backbone.parameters():

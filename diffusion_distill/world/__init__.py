@@ -21,7 +21,7 @@ def embedded_teacher_path(name: str) -> str:
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise FileNotFoundError(
             f"the embedded teacher {name!r} is missing: no pipeline at {path}. The package ships "
-            "it; reinstall, or rebuild it with `python -m diffusion_distill.world.train_teachers "
+            "it; reinstall, or rebuild it with `python -m diffusion_distill.teacher_training "
             f"{name} --out {path}`."
         )
     return path

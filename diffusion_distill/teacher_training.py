@@ -1,15 +1,18 @@
 """Train the embedded teachers from their recipes.
 
-    python -m diffusion_distill.world.train_teachers sd     # recipes/teachers/sd_unet.yaml
-    python -m diffusion_distill.world.train_teachers sd3    # recipes/teachers/sd3_flow.yaml
+    ddistill train recipes/teachers/sd_unet.yaml     # (or: ddistill train teachers/sd_unet)
+    ddistill train recipes/teachers/sd3_flow.yaml
+    python -m diffusion_distill.teacher_training sd --pool 8192 --init FOLDER   # all options
 
-The same pieces as a distillation run: the recipe format of ``diffusion_distill.recipe``, the
+A recipe whose ``teacher.build`` names a builder of a fresh pipeline is a teacher recipe;
+``ddistill train`` hands it here. The same pieces as a distillation run: the recipe format, the
 :class:`~diffusion_distill.objectives.denoising.Denoising` objective, the roles/``Nets`` of
-``student.py`` (full fine-tuning of a freshly built pipeline's denoiser as role "student", an
-EMA copy as role "ema") and the loop's ``Randomness``/``StepContext``. What differs from
-``train.py`` is only what a teacher needs: the data are world latents (encoded once, since the
-VAE is frozen), and the result is written as a whole diffusers pipeline with the EMA weights,
-every ``checkpoint_every`` steps, so an interrupted run still leaves a usable teacher.
+``student.py`` (full fine-tuning of the fresh denoiser as role "student", an EMA copy as role
+"ema") and the loop's own ``train.train_step``. What differs from ``train.train`` is only what a
+teacher needs: the data are world latents (encoded once, since the VAE is frozen), the step
+has a learning-rate warm-up and an EMA warm-up, and the result is written as a whole diffusers
+pipeline with the EMA weights every ``checkpoint_every`` steps, so an interrupted run still
+leaves a usable teacher.
 """
 from __future__ import annotations
 
@@ -20,32 +23,30 @@ import time
 
 import torch
 
-RECIPES = {"sd": "recipes/teachers/sd_unet.yaml", "sd3": "recipes/teachers/sd3_flow.yaml"}
-
-
-def _repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RECIPES = {"sd": "teachers/sd_unet", "sd3": "teachers/sd3_flow"}
 
 
 def recipe_path(name: str) -> str:
-    if name in RECIPES:
-        return os.path.join(_repo_root(), RECIPES[name])
-    if os.path.isfile(name):
-        return name
-    raise ValueError(f"unknown teacher {name!r}; expected one of {sorted(RECIPES)} or a recipe "
-                     "file path")
+    """A teacher's recipe file: ``sd`` / ``sd3``, a shipped recipe name, or a file path."""
+    from .recipe import find_recipe
+
+    return find_recipe(RECIPES.get(name, name))
 
 
 @torch.no_grad()
 def world_latents(vae, n: int, seed: int, chunk: int = 128, kinds=None, cache: str | None = None):
     """``n`` world samples as unscaled VAE latent means + captions (cached on disk: both
     teachers share the VAE, so they share the latents)."""
-    from .data import ShapesWorld
+    from safetensors.torch import load_file, save_file
 
-    if cache and os.path.isfile(cache):
-        data = torch.load(cache)
-        if data["n"] >= n:
-            return data["latents"][:n], data["captions"][:n]
+    from .world.data import ShapesWorld
+
+    # safetensors + JSON, no pickle: a cache file is data, never code
+    if cache and os.path.isfile(cache) and os.path.isfile(cache + ".json"):
+        with open(cache + ".json") as f:
+            captions = json.load(f)
+        if len(captions) >= n:
+            return load_file(cache)["latents"][:n], captions[:n]
     world = ShapesWorld(seed, kinds=kinds)
     latents, captions = [], []
     for i in range(0, n, chunk):
@@ -55,7 +56,11 @@ def world_latents(vae, n: int, seed: int, chunk: int = 128, kinds=None, cache: s
     latents = torch.cat(latents)
     if cache:
         os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
-        torch.save({"n": n, "latents": latents, "captions": captions}, cache + ".tmp")
+        # captions first: a cache counts only once both files are in place
+        with open(cache + ".json.tmp", "w") as f:
+            json.dump(captions, f)
+        os.replace(cache + ".json.tmp", cache + ".json")
+        save_file({"latents": latents.contiguous()}, cache + ".tmp")
         os.replace(cache + ".tmp", cache)
     return latents, captions
 
@@ -99,16 +104,17 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
     ``init``: a pipeline folder written by an earlier run; its denoiser weights start this
     run (student and EMA), i.e. a second training stage on top of the first.
     """
-    from ..objectives import build_objective
-    from ..recipe import load_recipe
-    from ..student import Nets, SeparateRoles
-    from ..teachers import teacher_from_pipeline
-    from ..train import Randomness, StepContext, lr_factor
-    from . import teachers as world_teachers
+    from .objectives import build_objective
+    from .recipe import load_recipe
+    from .student import Nets, SeparateRoles
+    from .teachers import teacher_from_pipeline
+    from .train import train_step
+    from .world import teachers as world_teachers
 
     if threads:
         torch.set_num_threads(threads)
-    recipe = load_recipe(recipe_path(name), list(overrides))
+    recipe = load_recipe(name if isinstance(name, dict) else recipe_path(name), list(overrides))
+    name = recipe["name"] if isinstance(name, dict) else name
     cfg = recipe["train"]
     module, fn = recipe["teacher"]["build"].split(":")
     if module != world_teachers.__name__:
@@ -136,12 +142,15 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
             world_teachers.RepeatedTokenJointAttention(collapse))
     opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]),
                             weight_decay=cfg["weight_decay"])
+    opt.base_lr = cfg["lr"]
     # 200 warm-up steps for any real run, tiny test runs warm up over their first tenth; then
     # constant, or a cosine to train.lr_final. (train.stop_after / --minutes stop a run early
     # on the schedule of train.steps, which is how a staged recipe pins its stage lengths.)
-    warmup = 200 if cfg["steps"] >= 1000 else cfg["steps"] // 10 + 1
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, cfg["steps"], cfg["lr_final"], warmup))
+    # Short runs also warm the EMA up (its decay grows to the set value) so early checkpoints
+    # are not dominated by the random initialisation.
+    step_cfg = {**cfg, "grad_accum": 1,
+                "warmup_steps": 200 if cfg["steps"] >= 1000 else cfg["steps"] // 10 + 1,
+                "ema_warmup": True}
 
     out = out or os.path.join(recipe["output"]["dir"], "pipeline")
     run_dir = os.path.dirname(out) or "."
@@ -150,7 +159,7 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
     t0 = time.time()
     # The cache is keyed by the VAE's weights, so a retrained VAE never reuses stale latents.
     vae_key = f"{sum(float(p.detach().double().sum()) for p in pipe.vae.encoder.parameters()):.6e}"
-    cache = (os.path.join(cache_dir, f"world_latents_seed{cfg['seed']}_{pool}_{vae_key}.pt")
+    cache = (os.path.join(cache_dir, f"world_latents_seed{cfg['seed']}_{pool}_{vae_key}.safetensors")
              if cache_dir else None)
     latents, captions = world_latents(pipe.vae, pool, seed=cfg["seed"], cache=cache)
     x0_pool = scale_latents(pipe.vae, latents)
@@ -160,31 +169,24 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
     log_path = os.path.join(run_dir, "metrics.jsonl")
     t_start = time.time()
     final_role = "ema" if roles.ema_of else "student"
-    for step in range(cfg["steps"]):
-        rng = Randomness(cfg["seed"], step, 0)
-        ctx = StepContext(step, 0, rng, 1, cfg["steps"])
-        index = rng.randint(len(captions), cfg["batch_size"])
+    def batches(rng, n):
+        index = rng.randint(len(captions), n)
         caps = [captions[i] for i in index.tolist()]
         cond = teacher.prompts(caps)
         if collapse:
             cond, _ = world_teachers.collapse_repeated_context(cond)
-        batch = {"x0": x0_pool[index], "cond": cond, "prompts": caps}
-        for role, loss in objective(nets, batch, ctx):
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"{name} step {step}: loss is {loss.item()}; lower train.lr")
-            loss.backward(inputs=nets.params(role))
-        if cfg["clip_grad"]:
-            torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad"])
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if roles.ema_of:
-            # Short runs: a warm-up EMA (decay grows to its set value) so early checkpoints are
-            # not dominated by the random initialisation.
-            roles.update_ema(min(cfg["ema_decay"], (1 + step) / (10 + step)))
+        return {"x0": x0_pool[index], "cond": cond, "prompts": caps}
+
+    from .train import LogInterval
+
+    interval = LogInterval()
+    for step in range(cfg["steps"]):
+        interval.add(train_step(objective, nets, {"student": opt}, batches, step, step_cfg,
+                                cfg["batch_size"]))
         done = step + 1
         if done % cfg["log_every"] == 0 or done == cfg["steps"]:
-            logs = dict(ctx.logs, step=done, seconds=round(time.time() - t_start, 1))
+            logs = dict(interval.mean(), step=done, seconds=round(time.time() - t_start, 1))
+            interval = LogInterval()
             with open(log_path, "a") as f:
                 f.write(json.dumps(logs) + "\n")
             log(f"{name} step {done}: " + " ".join(f"{k} {v:.4g}" for k, v in logs.items()
