@@ -7,6 +7,7 @@ latents. Family files (``sd.py``, ``sd3.py``, ...) each build one from a diffuse
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from ..denoiser import Cond, Denoiser, ddim_step
-from ..schedules import shift_time
+from ..parameterization import from_x0
 
 
 def flow_time_shift(scheduler, seq_len: int | None = None) -> float:
@@ -93,6 +94,10 @@ class Teacher:
         # Flow teachers sample on shifted times (SD3's ``shift``, Flux's resolution-dependent
         # ``exp(mu)``); the family file sets it so that ``sample`` visits the pipeline's times.
         self.time_shift: float | None = None
+        # (steps, scheduler) -> extra set_timesteps arguments the family's pipeline passes
+        self.extra_timestep_kwargs: Callable | None = None
+        # the side of the latent patch one image token covers (for the dynamic shift's count)
+        self.token_patch = 2
         # a module name in the backbone for discriminator features (set per family; a custom
         # teacher's user names it with method.gan_feature_module)
         self.feature_module: str | None = None
@@ -147,25 +152,91 @@ class Teacher:
         return self.vae.decode(latents.to(self.vae.dtype)).sample.float().clamp(-1, 1)
 
     # -- sampling -----------------------------------------------------------------------
-    def sample_times(self, steps: int) -> list[float]:
-        """The teacher's own ``steps`` sampling times, from pure noise down (0 excluded)."""
-        times = [1 - i / steps for i in range(steps)]
-        if self.time_shift and self.time_shift != 1.0:
-            times = [float(shift_time(t, self.time_shift)) for t in times]
-        return times
+    def timestep_kwargs(self, steps: int, latent_shape: tuple[int, ...], scheduler) -> dict:
+        """What the family's pipeline passes to ``scheduler.set_timesteps`` besides ``steps``.
+
+        Dynamically shifted flow schedulers (Flux, SD3.5 with ``use_dynamic_shifting``) take
+        ``mu`` from the latent's token count (2x2 patches) of *this* call, so a teacher loaded
+        at one resolution samples another with the shift the pipeline would use there.
+        Families whose pipeline passes more (Flux: explicit sigmas) override via
+        ``extra_timestep_kwargs``.
+        """
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", False):
+            h, w = latent_shape[-2:]
+            p = self.token_patch
+            kwargs["mu"] = math.log(flow_time_shift(scheduler, (h // p) * (w // p)))
+        if self.extra_timestep_kwargs is not None:
+            kwargs.update(self.extra_timestep_kwargs(steps, scheduler))
+        return kwargs
+
+    def scheduler(self, steps: int | None = None, latent_shape: tuple[int, ...] | None = None,
+                  scheduler=None):
+        """A fresh copy of the teacher's own scheduler (or of ``scheduler``: an instance or a
+        diffusers scheduler class, configured from the pipeline's config) with its timesteps
+        set for ``steps`` exactly as the family's pipeline sets them."""
+        if self.pipe is None and scheduler is None:
+            raise ValueError(f"a {self.family} teacher has no diffusers scheduler; pass "
+                             "scheduler=... or use sample(times=...).")
+        base = self.pipe.scheduler if scheduler is None else scheduler
+        config = self.pipe.scheduler.config if isinstance(base, type) else base.config
+        cls = base if isinstance(base, type) else type(base)
+        sched = cls.from_config(config)
+        steps = steps or self.default_steps
+        kwargs = self.timestep_kwargs(steps, tuple(latent_shape or self.latent_shape), sched)
+        # as the pipelines' retrieve_timesteps: only what this scheduler accepts
+        accepted = inspect.signature(sched.set_timesteps).parameters
+        sched.set_timesteps(steps, device=self.device,
+                            **{k: v for k, v in kwargs.items() if k in accepted})
+        return sched
+
+    def sample_times(self, steps: int, latent_shape: tuple[int, ...] | None = None) -> list[float]:
+        """The continuous times the teacher's own scheduler visits in ``steps`` steps, from
+        pure noise down (e.g. SD1.5's leading grid 751, 501, 251, 1 -> 751/999, ...)."""
+        if self.pipe is None:
+            return [1 - i / steps for i in range(steps)]
+        sched = self.scheduler(steps, latent_shape)
+        return [float(self.schedule.t_from_model_time(ts.float().cpu())) for ts in sched.timesteps]
 
     @torch.no_grad()
     def sample(self, prompts: list[str], steps: int | None = None, guidance: float | None = None,
                noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               times: list[float] | None = None) -> torch.Tensor:
-        """DDIM on the continuous axis (the same update as diffusers' DDIM / flow Euler)."""
+               times: list[float] | None = None, scheduler=None) -> torch.Tensor:
+        """The teacher's own sampler: its pipeline's scheduler, grid and step rule.
+
+        Equals the pipeline's ``__call__`` (``output_type="latent"``) for the same prompts,
+        noise (or generator), steps and guidance: the noise is scaled by the scheduler's
+        ``init_noise_sigma``, the backbone sees ``scale_model_input``'s input, and the guided
+        x0 is handed to ``scheduler.step`` in the backbone's own parameterisation (CFG on x0
+        equals the pipelines' CFG on the raw output: both are linear at fixed ``x_t``).
+        ``scheduler`` names another diffusers scheduler (instance or class). A custom teacher
+        without a pipeline, or explicit continuous ``times``, samples with DDIM on the
+        continuous axis.
+        """
         steps = steps or self.default_steps
         guidance = self.default_guidance if guidance is None else guidance
         cond = self.prompts(prompts)
         if noise is None:
             noise = torch.randn((len(prompts),) + self.latent_shape, generator=generator)
         x = noise.to(self.device)
-        times = times or self.sample_times(steps)
+        if times is not None or (self.pipe is None and scheduler is None):
+            return self._sample_continuous(x, cond, guidance, times or self.sample_times(steps))
+        sched = self.scheduler(steps, tuple(x.shape[1:]), scheduler)
+        step_args = inspect.signature(sched.step).parameters
+        extra = {"generator": generator} if "generator" in step_args else {}
+        # flow schedulers have neither (their pipelines skip both)
+        x = x * getattr(sched, "init_noise_sigma", 1.0)
+        scale_input = getattr(sched, "scale_model_input", lambda x, timestep: x)
+        for timestep in sched.timesteps:
+            x_in = scale_input(x, timestep)
+            t = self.schedule.t_from_model_time(timestep.float().cpu()).to(x.device)
+            x0 = self.denoiser(x_in, t, cond, guidance=guidance)
+            alpha, sigma = self.schedule.alpha_sigma(t.expand(x.shape[0]))
+            out = from_x0(x0, x_in, alpha, sigma, self.denoiser.prediction_type)
+            x = sched.step(out, timestep, x, **extra, return_dict=False)[0]
+        return x
+
+    def _sample_continuous(self, x, cond, guidance, times: list[float]) -> torch.Tensor:
         for i, t in enumerate(times):
             x0 = self.denoiser(x, t, cond, guidance=guidance)
             s = times[i + 1] if i + 1 < len(times) else 0.0

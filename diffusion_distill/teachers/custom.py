@@ -76,8 +76,40 @@ class _Identity:
 
 def custom_teacher(fn, shape: tuple[int, ...], schedule: str = "vp",
                    prediction_type: str = "sample", alphas_cumprod=None,
-                   guidance_scale=None, default_steps: int = 50) -> Teacher:
-    """A teacher from a callable; its conditions are passed as ``Cond({'cond': tensor})``."""
-    return Teacher("custom", custom_denoiser(fn, schedule, prediction_type, alphas_cumprod,
-                                             guidance_scale),
-                   shape, default_steps=default_steps, default_guidance=guidance_scale)
+                   guidance_scale=None, default_steps: int = 50, encode=None,
+                   uncond=None) -> Teacher:
+    """A teacher from a callable ``fn(x_t, t, cond)``.
+
+    Args:
+        encode: ``encode(prompts) -> tensor`` with the batch on dim 0: how the recipe's
+            prompts (strings: captions, or class labels written as text such as ``"3"``)
+            become the ``cond`` that ``fn`` and the user's student/critic networks take.
+            Without it ``cond`` is None (an unconditional teacher).
+        uncond: the unconditional condition for classifier-free guidance: a prompt to
+            encode (e.g. ``""`` or a null-class label) or one sample's tensor. Needed for any
+            guidance other than 1.
+    """
+    if uncond is not None and encode is None and isinstance(uncond, str):
+        raise ValueError(f"uncond={uncond!r} is a prompt, but there is no encode= to turn it "
+                         "into a condition; pass encode=..., or uncond as a tensor.")
+
+    def encode_prompts(prompts):
+        cond = torch.as_tensor(encode(list(prompts)))
+        if cond.ndim == 0 or cond.shape[0] != len(prompts):
+            raise ValueError(f"custom_teacher's encode returned shape {tuple(cond.shape)} for "
+                             f"{len(prompts)} prompts; it must return one row per prompt.")
+        return Cond({"cond": cond})
+
+    teacher = Teacher("custom", custom_denoiser(fn, schedule, prediction_type, alphas_cumprod,
+                                                guidance_scale),
+                      shape, encode_prompts if encode is not None else None,
+                      default_steps=default_steps, default_guidance=guidance_scale)
+    if uncond is not None:
+        if isinstance(uncond, str):
+            teacher.denoiser.uncond = teacher.prompts([uncond])
+        else:
+            # one sample's condition, with or without its batch dimension of 1
+            cond = torch.as_tensor(uncond)
+            teacher.denoiser.uncond = Cond({"cond": cond if cond.ndim and cond.shape[0] == 1
+                                            else cond[None]})
+    return teacher

@@ -15,6 +15,7 @@ Three things differ from SD3, and all stay in this file:
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..denoiser import Cond, Denoiser
@@ -108,9 +109,18 @@ def from_pipeline(pipe, prediction_type=None, guidance_scale=None, default_steps
     teacher = Teacher("flux", denoiser, shape, encode, pipe=pipe, vae=pipe.vae,
                       default_steps=default_steps, default_guidance=guidance_scale, path=path)
     teacher.time_shift = flow_time_shift(pipe.scheduler, (shape[1] // 2) * (shape[2] // 2))
+    teacher.extra_timestep_kwargs = flux_sigmas
     if not guided:
         denoiser.uncond = teacher.prompts([""])
     return teacher
+
+
+def flux_sigmas(steps: int, scheduler) -> dict:
+    """FluxPipeline hands its scheduler an explicit linear grid from 1 to 1/steps (then the
+    scheduler shifts it by the call's ``mu``), unless the scheduler makes its own flow sigmas."""
+    if scheduler.config.get("use_flow_sigmas", False):
+        return {}
+    return {"sigmas": np.linspace(1.0, 1 / steps, steps)}
 
 
 def feature_module(backbone) -> str:

@@ -31,6 +31,7 @@ def from_pipeline(pipe, prediction_type=None, guidance_scale=7.0, default_steps=
                       default_steps=default_steps, default_guidance=guidance_scale, path=path)
     # sample on the pipeline's shifted times (SD3's scheduler shift, 3.0 for SD3-medium)
     teacher.time_shift = flow_time_shift(pipe.scheduler, (shape[1] // 2) * (shape[2] // 2))
+    teacher.token_patch = int(cfg.patch_size)
     denoiser.uncond = teacher.prompts([""])
     return teacher
 
