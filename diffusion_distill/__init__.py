@@ -6,17 +6,19 @@ The public API: ``load_teacher`` (any supported diffusers pipeline, or ``embedde
 """
 __version__ = "0.1.0"
 
+# ``train`` is bound eagerly: a lazy attribute would lose to the submodule of the same name
+# (importing ``diffusion_distill.train`` from anywhere sets the package attribute to the
+# module), and ``from diffusion_distill import train`` would then bind a module, not the
+# function. The module stays importable as ``from diffusion_distill.train import ...``.
+from .train import train  # noqa: E402
+
 
 def __getattr__(name):
-    # Lazy: importing the package stays cheap (no torch/diffusers until used).
+    # Lazy: the rest loads when first used.
     if name in ("load_teacher", "custom_teacher"):
         from . import teachers
 
         return getattr(teachers, name)
-    if name == "train":
-        from .train import train
-
-        return train
     if name in ("load_student", "export_nets"):
         from . import export
 

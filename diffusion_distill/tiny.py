@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .world.tokenizer import make_clip_tokenizer
+from .tokenizer import make_clip_tokenizer
 
 WORDS = ["a", "an", "the", "red", "green", "blue", "yellow", "small", "large", "circle", "square", "triangle", "left", "right", "of", "above", "below", "one", "two", "three", "cat", "dog", "photo"]
 

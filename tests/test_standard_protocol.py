@@ -79,7 +79,7 @@ def clip_path(tmp_path_factory):
     """A tiny CLIP trained for 60 steps to pair colour words with colours (under a second)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from diffusion_distill.world.tokenizer import make_clip_tokenizer
+    from diffusion_distill.tokenizer import make_clip_tokenizer
 
     tok = make_clip_tokenizer(["a", "square", *COLOURS])
     n = len(tok)

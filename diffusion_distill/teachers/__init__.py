@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 
+from ..assets import resolve_teacher_path
 from .base import PromptCache, Teacher
 from .custom import custom_teacher
 
@@ -87,11 +88,7 @@ def load_teacher(path_or_pipe, **kwargs) -> Teacher:
     """A Teacher from a pipeline object, a local pipeline folder, a hub id, or ``embedded:NAME``."""
     if not isinstance(path_or_pipe, str):
         return teacher_from_pipeline(path_or_pipe, **kwargs)
-    path = path_or_pipe
-    if path.startswith("embedded:"):
-        from ..world import embedded_teacher_path
-
-        path = embedded_teacher_path(path.split(":", 1)[1])
+    path = resolve_teacher_path(path_or_pipe)
     pipe = load_pipeline(path, torch_dtype=kwargs.pop("torch_dtype", None))
     return teacher_from_pipeline(pipe, path=path, **kwargs)
 

@@ -16,7 +16,7 @@ import os
 import torch
 
 from .data import WORDS
-from .tokenizer import make_clip_tokenizer
+from ..tokenizer import make_clip_tokenizer
 
 # Captions are at most ~12 tokens; a short CLIP context keeps the denoisers' cross-attention
 # (and the SD3 joint attention) cheap. Longer prompts are truncated by the pipeline, with its
