@@ -61,6 +61,14 @@ def test_plain_diffusers_block_runs_and_matches_load_student(teacher, method, nu
     assert plain.shape == again.shape and plain.ndim == 3
     # the same uint8 image, up to rounding of float noise at a level boundary
     assert np.abs(plain.astype(int) - again.astype(int)).max() <= 1
+    # ``ddistill sample``'s function: the same seed, the same images, whatever the global RNG
+    from diffusion_distill.sample import sample
+
+    torch.manual_seed(1)
+    first = sample("my_student", ["a red circle", "a blue square"], seed=0)
+    torch.manual_seed(2)
+    second = sample("my_student", ["a red circle", "a blue square"], seed=0)
+    torch.testing.assert_close(first, second)
 
 
 def test_custom_teacher_block_runs(tmp_path, monkeypatch):
