@@ -1,0 +1,165 @@
+"""Attention kernels, activation checkpointing and compilation of the one shared backbone.
+
+Everything here is applied to the teacher's backbone, so student, critic and EMA (LoRA
+adapters on it) get it too. Nothing is written by hand that diffusers or torch does:
+
+* **Attention**: diffusers' attention dispatcher (``ModelMixin.set_attention_backend``) where
+  the backbone's attention processors dispatch through it (Flux in diffusers 0.42); the UNet,
+  SD3, PixArt and Sana processors call ``F.scaled_dot_product_attention`` directly, so there
+  the native variants (``math``, ``efficient``, ``flash``, ``cudnn``) are selected with torch's
+  ``sdpa_kernel`` around every backbone call, and ``xformers`` with diffusers'
+  ``enable_xformers_memory_efficient_attention``. A backend that cannot run here is refused
+  with the list of those that can.
+* **Gradient checkpointing**: diffusers' ``enable_gradient_checkpointing`` (the trained paths
+  recompute their activations in backward instead of keeping them).
+* **Compilation**: ``torch.compile`` of the repeated blocks (``compile_repeated_blocks``,
+  regional) where diffusers offers it, else of the whole backbone. Adapter switching only
+  flips which LoRA weights are active (weights, not graph structure), see the docs.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# our names for torch's SDPA kernels (``native`` = torch's own choice)
+SDPA_KERNELS = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+# dispatcher-only backends (need the processors to dispatch, and their package installed)
+DISPATCH_ONLY = ("flex", "sage", "flash_hub", "sage_hub")
+BACKENDS = ("native", *SDPA_KERNELS, "xformers", *DISPATCH_ONLY)
+
+
+def _sdpa_runs(kernel: SDPBackend, device) -> bool:
+    q = torch.randn(1, 2, 8, 16, device=device,
+                    dtype=torch.float16 if torch.device(device).type == "cuda" else torch.float32)
+    try:
+        with sdpa_kernel([kernel]):
+            F.scaled_dot_product_attention(q, q, q)
+        return True
+    except RuntimeError:
+        return False
+
+
+def _xformers_installed() -> bool:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _dispatches(backbone) -> bool:
+    """Whether the backbone's attention goes through diffusers' dispatcher."""
+    import inspect
+
+    for module in backbone.modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and "dispatch_attention_fn" in inspect.getsource(
+                type(processor).__call__):
+            return True
+    return False
+
+
+def available_backends(device="cpu", backbone=None) -> list[str]:
+    """The attention backends that run on ``device`` (for ``backbone``, when given)."""
+    found = ["native"] + [name for name, k in SDPA_KERNELS.items() if _sdpa_runs(k, device)]
+    if torch.device(device).type == "cuda" and _xformers_installed():
+        found.append("xformers")
+    if backbone is not None and _dispatches(backbone):
+        from diffusers.models.attention_dispatch import (
+            AttentionBackendName,
+            _check_attention_backend_requirements,
+        )
+
+        for name in DISPATCH_ONLY:
+            try:
+                _check_attention_backend_requirements(AttentionBackendName(name))
+            except (ValueError, RuntimeError, ImportError):
+                continue
+            if name == "flex" and torch.device(device).type != "cuda":
+                continue  # flex attention compiles a kernel; CPU builds cannot use it here
+            found.append(name)
+    return found
+
+
+def set_attention_backend(backbone, backend: str, device="cpu") -> None:
+    """Make every attention call of ``backbone`` use ``backend`` (see the module docstring)."""
+    if backend in (None, "", "native") and not getattr(backbone, "_dd_attention_hooks", None):
+        return
+    available = available_backends(device, backbone)
+    if backend not in available:
+        raise ValueError(
+            f"attention backend {backend!r} cannot run on {device} for "
+            f"{type(backbone).__name__}; available here: {', '.join(available)}. Set "
+            "train.attention (or --attention) to one of those.")
+    for handle in getattr(backbone, "_dd_attention_hooks", []):
+        handle.remove()
+    backbone._dd_attention_hooks = []
+    if backend == "xformers":
+        backbone.enable_xformers_memory_efficient_attention()
+    elif backend in DISPATCH_ONLY:
+        backbone.set_attention_backend(backend)
+    elif backend in SDPA_KERNELS:
+        if _dispatches(backbone):
+            backbone.set_attention_backend(f"_native_{backend}")
+        else:
+            _wrap_calls(backbone, lambda: sdpa_kernel([SDPA_KERNELS[backend]]))
+    backbone._dd_attention = backend
+
+
+def _wrap_calls(backbone, make_context) -> None:
+    """Enter ``make_context()`` for the duration of every forward call of ``backbone``."""
+    stack: list[contextlib.AbstractContextManager] = []
+
+    def enter(module, args):
+        context = make_context()
+        context.__enter__()
+        stack.append(context)
+
+    def leave(module, args, output):
+        stack.pop().__exit__(None, None, None)
+
+    backbone._dd_attention_hooks = [backbone.register_forward_pre_hook(enter),
+                                    backbone.register_forward_hook(leave)]
+
+
+def enable_gradient_checkpointing(backbone, roles=None) -> None:
+    """Checkpoint the backbone's blocks (diffusers' own switch).
+
+    With LoRA roles on one base the recomputation in backward must run under the adapter
+    that was active in the forward pass: by the time ``backward`` runs, the loop has usually
+    switched to another role (or to the bare teacher), and recomputing a block under that
+    adapter gives other activations (torch refuses: "a different number of tensors was
+    saved"). ``roles`` (a ``SharedBaseRoles``) makes each checkpoint remember its role.
+    """
+    if not getattr(backbone, "_supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(backbone).__name__} does not support gradient checkpointing; "
+                         "set train.gradient_checkpointing: false.")
+    if roles is None or not hasattr(roles, "use"):
+        backbone.enable_gradient_checkpointing()
+        return
+
+    def checkpoint(function, *args, **kwargs):
+        role = roles.active
+
+        def contexts():  # (forward, recomputation)
+            return contextlib.nullcontext(), roles.use(role)
+
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False,
+                                                 context_fn=contexts, **kwargs)
+
+    backbone.enable_gradient_checkpointing(checkpoint)
+
+
+def compile_backbone(backbone, **options):
+    """``torch.compile`` the repeated blocks where diffusers can (regional compilation: one
+    compiled block reused by every layer), else the whole backbone, in place."""
+    if getattr(backbone, "_repeated_blocks", None):
+        backbone.compile_repeated_blocks(**options)
+    else:
+        backbone.compile(**options)
+    return backbone
