@@ -10,6 +10,8 @@ Three measurements, each in its own fresh subprocess so that peaks do not mix:
   training loop's own ``train.train_step`` (backward per yielded role, then clip and an AdamW
   step per role and the EMA update), observed phase by phase. A critic-only (TTUR) step is
   timed too.
+* ``dmd2_lora_ckpt``: ``dmd2_lora`` with gradient checkpointing of the UNet's blocks
+  (``acceleration.enable_gradient_checkpointing``, recomputing under the forward's role).
 * ``dmd2_full``: the same step with three separate full networks (``SeparateRoles``: frozen
   teacher, full student and critic copies, AdamW on both). On a machine that cannot hold it,
   the worker stops before it would pass the memory budget (it never asks for more) and the
@@ -47,7 +49,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 GB = 1e9
-MEASUREMENTS = ("plain_lora", "dmd2_lora", "dmd2_full")
+MEASUREMENTS = ("plain_lora", "dmd2_lora", "dmd2_full", "dmd2_lora_ckpt")
 
 SD15_UNET = {
     "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
@@ -251,7 +253,7 @@ def timed_steps(step, args, mon):
 
 # -- (b) / (c) DMD2 -----------------------------------------------------------------------
 
-def run_dmd2(args, mon: Monitor, full: bool) -> dict:
+def run_dmd2(args, mon: Monitor, full: bool, checkpointing: bool = False) -> dict:
     import torch
 
     from diffusion_distill.denoiser import Cond, Denoiser
@@ -276,6 +278,10 @@ def run_dmd2(args, mon: Monitor, full: bool) -> dict:
         roles = SeparateRoles(unet, roles=objective.roles, ema=False)
     else:
         roles = SharedBaseRoles(unet, roles=objective.roles, rank=RANK, ema=True)
+    if checkpointing:
+        from diffusion_distill.acceleration import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(unet, roles)  # recomputes under the forward's role
     nets = Nets(teacher, roles, guidance=GUIDANCE)
     objective.setup(nets)
     # The settings train_step reads, as a recipe's train section would give them.
@@ -363,7 +369,8 @@ def worker(args):
     if args.worker == "plain_lora":
         result = run_plain_lora(args, mon)
     else:
-        result = run_dmd2(args, mon, full=args.worker == "dmd2_full")
+        result = run_dmd2(args, mon, full=args.worker == "dmd2_full",
+                          checkpointing=args.worker == "dmd2_lora_ckpt")
     result.setdefault("completed", True)
     mon.mark("end")
     mon.stop()
@@ -477,8 +484,14 @@ def machine(args) -> dict:
 def parent(args):
     which = args.only or list(MEASUREMENTS)
     results = {name: run_worker(name, args) for name in which}
-    plain, lora, full = (results.get(k, {}) for k in MEASUREMENTS)
+    plain, lora, full, ckpt = (results.get(k, {}) for k in MEASUREMENTS)
     ratios = {}
+    if ckpt.get("peak_gb") and lora.get("peak_gb"):
+        ratios["dmd2_lora_checkpointed_over_dmd2_lora_peak"] = round(
+            ckpt["peak_gb"] / lora["peak_gb"], 3)
+        if ckpt.get("median_step_seconds") and lora.get("median_step_seconds"):
+            ratios["dmd2_lora_checkpointed_over_dmd2_lora_step_time"] = round(
+                ckpt["median_step_seconds"] / lora["median_step_seconds"], 2)
     if plain.get("peak_gb") and lora.get("peak_gb"):
         ratios["dmd2_lora_over_plain_lora_peak"] = round(lora["peak_gb"] / plain["peak_gb"], 3)
         ratios["goal_dmd2_lora_over_plain_lora"] = 1.1
