@@ -84,6 +84,20 @@ def load_pipeline(path: str, torch_dtype=None):
     return DiffusionPipeline.from_pretrained(path, use_safetensors=True, torch_dtype=torch_dtype)
 
 
+def backbone_name(pipe) -> str:
+    """The pipeline component that is the denoising network: ``"unet"`` or ``"transformer"``."""
+    for name in ("unet", "transformer"):
+        if getattr(pipe, name, None) is not None:
+            return name
+    raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer; the "
+                     "supported pipelines are listed in diffusion_distill.teachers.FAMILIES.")
+
+
+def pipeline_backbone(pipe):
+    """The denoising network of a diffusers pipeline (its UNet or transformer)."""
+    return getattr(pipe, backbone_name(pipe))
+
+
 def load_teacher(path_or_pipe, **kwargs) -> Teacher:
     """A Teacher from a pipeline object, a local pipeline folder, a hub id, or ``embedded:NAME``."""
     if not isinstance(path_or_pipe, str):
@@ -94,6 +108,8 @@ def load_teacher(path_or_pipe, **kwargs) -> Teacher:
 
 
 __all__ = [
+    "backbone_name",
+    "pipeline_backbone",
     "FAMILIES",
     "PromptCache",
     "Teacher",

@@ -26,6 +26,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ..imaging import to_uint8
+
 RESOLUTION = 32
 SHAPES = ("circle", "square", "triangle")
 COLORS = {  # RGB in [0, 1]; saturated and far apart so colour is never ambiguous
@@ -469,7 +471,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 def to_uint8_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
     """Images in [-1, 1] -> one (H, W, 3) uint8 grid, for saving a PNG to look at."""
-    images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    images = to_uint8(images)
     n, c, h, w = images.shape
     rows = math.ceil(n / nrow)
     grid = torch.zeros((c, rows * (h + 2), nrow * (w + 2)), dtype=torch.uint8)
