@@ -99,6 +99,7 @@ def set_attention_backend(backbone, backend: str, device="cpu") -> None:
     for handle in getattr(backbone, "_dd_attention_hooks", []):
         handle.remove()
     backbone._dd_attention_hooks = []
+    backbone._dd_attention_context = None
     if backend == "xformers":
         backbone.enable_xformers_memory_efficient_attention()
     elif backend in DISPATCH_ONLY:
@@ -107,7 +108,8 @@ def set_attention_backend(backbone, backend: str, device="cpu") -> None:
         if _dispatches(backbone):
             backbone.set_attention_backend(f"_native_{backend}")
         else:
-            _wrap_calls(backbone, lambda: sdpa_kernel([SDPA_KERNELS[backend]]))
+            backbone._dd_attention_context = lambda: sdpa_kernel([SDPA_KERNELS[backend]])
+            _wrap_calls(backbone, backbone._dd_attention_context)
     backbone._dd_attention = backend
 
 
@@ -134,23 +136,33 @@ def enable_gradient_checkpointing(backbone, roles=None) -> None:
     that was active in the forward pass: by the time ``backward`` runs, the loop has usually
     switched to another role (or to the bare teacher), and recomputing a block under that
     adapter gives other activations (torch refuses: "a different number of tensors was
-    saved"). ``roles`` (a ``SharedBaseRoles``) makes each checkpoint remember its role.
+    saved"). ``roles`` (a ``SharedBaseRoles``) makes each checkpoint remember its role; the
+    attention kernel chosen by :func:`set_attention_backend` is re-entered the same way.
     """
     if not getattr(backbone, "_supports_gradient_checkpointing", False):
         raise ValueError(f"{type(backbone).__name__} does not support gradient checkpointing; "
                          "set train.gradient_checkpointing: false.")
-    if roles is None or not hasattr(roles, "use"):
-        backbone.enable_gradient_checkpointing()
-        return
+    if roles is not None and not hasattr(roles, "use"):
+        roles = None  # a user's own networks: one role per module, nothing to re-enter
 
     def checkpoint(function, *args, **kwargs):
-        role = roles.active
+        role = roles.active if roles is not None else None
+        attention = getattr(backbone, "_dd_attention_context", None)
 
-        def contexts():  # (forward, recomputation)
-            return contextlib.nullcontext(), roles.use(role)
+        @contextlib.contextmanager
+        def recomputation():
+            # the forward's adapter and attention kernel (entered by hooks around the
+            # backbone's forward, which a recomputation in backward is outside of)
+            with contextlib.ExitStack() as stack:
+                if role is not None:
+                    stack.enter_context(roles.use(role))
+                if attention is not None:
+                    stack.enter_context(attention())
+                yield
 
-        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False,
-                                                 context_fn=contexts, **kwargs)
+        return torch.utils.checkpoint.checkpoint(
+            function, *args, use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), recomputation()), **kwargs)
 
     backbone.enable_gradient_checkpointing(checkpoint)
 
@@ -163,3 +175,19 @@ def compile_backbone(backbone, **options):
     else:
         backbone.compile(**options)
     return backbone
+
+
+def apply_to_run(train_cfg: dict, nets, device="cpu") -> None:
+    """The recipe's ``train.attention``, ``train.gradient_checkpointing`` and
+    ``train.compile`` on the run's backbone (the shared base, or each user network)."""
+    roles = nets.roles
+    shared = getattr(roles, "backbone", None)
+    modules = [shared] if shared is not None else list(getattr(roles, "networks", {}).values())
+    for module in modules:
+        backend = train_cfg.get("attention") or "native"
+        if backend != "native":
+            set_attention_backend(module, backend, device)
+        if train_cfg.get("gradient_checkpointing"):
+            enable_gradient_checkpointing(module, roles if shared is not None else None)
+        if train_cfg.get("compile"):
+            compile_backbone(module)

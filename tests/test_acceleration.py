@@ -123,3 +123,26 @@ def test_compiled_backbone_switches_roles_without_recompiling():
                 nets.x0(role, x, 0.5, cond)
     assert frames() == seen, "switching adapters recompiled"
     torch._dynamo.reset()
+
+
+def test_recipe_keys_train_the_same_student(tiny_sd_path, tmp_path):
+    """train.attention=math and train.gradient_checkpointing=true change how, not what."""
+    from conftest import tiny_recipe
+
+    from diffusion_distill.train import train
+
+    def weights(out, **train_keys):
+        recipe = tiny_recipe(tiny_sd_path, tmp_path / out, steps=2, **train_keys)
+        _, nets = train(recipe, progress=False, return_nets=True)
+        return [p.detach().clone() for p in nets.params("student")]
+
+    plain = weights("plain")
+    lean = weights("lean", attention="math", gradient_checkpointing=True)
+    # Adam divides by the gradient's running RMS, so kernel rounding (~1e-7) in a near-zero
+    # gradient can move one weight by ~lr * 1e-2; everything else agrees far more closely
+    for a, b in zip(plain, lean, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=3e-5)
+    with pytest.raises(ValueError, match="train.attention"):
+        from diffusion_distill.recipe import load_recipe
+
+        load_recipe(tiny_recipe(tiny_sd_path, tmp_path / "bad", attention="fastest"))
