@@ -254,7 +254,6 @@ def timed_steps(step, args, mon):
 # -- (b) / (c) DMD2 -----------------------------------------------------------------------
 
 def run_dmd2(args, mon: Monitor, full: bool, checkpointing: bool = False) -> dict:
-    import torch
 
     from diffusion_distill.denoiser import Cond, Denoiser
     from diffusion_distill.objectives.dmd import DMD2

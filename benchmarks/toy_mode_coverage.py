@@ -25,10 +25,10 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from diffusion_distill.objectives import common  # noqa: E402
-from diffusion_distill.objectives.dmd import DMD2  # noqa: E402
+from diffusion_distill.objectives import common
+from diffusion_distill.objectives.dmd import DMD2
 
 
 class DMD2BelowStepTime(DMD2):

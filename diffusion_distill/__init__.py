@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 # (importing ``diffusion_distill.train`` from anywhere sets the package attribute to the
 # module), and ``from diffusion_distill import train`` would then bind a module, not the
 # function. The module stays importable as ``from diffusion_distill.train import ...``.
-from .train import train  # noqa: E402
+from .train import train as train  # re-exported as the public API
 
 
 def __getattr__(name):

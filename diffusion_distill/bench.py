@@ -66,13 +66,13 @@ def add_parser(sub):
 
 # -- the spec ------------------------------------------------------------------------------
 def load_spec(path: str) -> dict:
-    import yaml
+    from .recipe import yaml_load
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"benchmark spec {path!r} does not exist; expected a YAML file "
                                 "such as benchmarks/specs/embedded_sd.yaml")
-    with open(path) as f:
-        spec = yaml.safe_load(f) or {}
+    with open(path) as f:  # a syntax error names the file, line and column
+        spec = yaml_load(f.read(), path) or {}
     if not isinstance(spec, dict):
         # ValueError, not TypeError: the CLI shows ValueErrors to people without a traceback.
         raise ValueError(f"benchmark spec {path!r} must be a YAML mapping, got "  # noqa: TRY004
@@ -194,11 +194,15 @@ def _finished(path: str, protocol: dict) -> dict | None:
 
 def run_bench(spec: dict, out: str, cache_dir=None, rerun=False, progress=True,
               log=print) -> dict:
+    from .checkpoint import check_output_dir
     from .eval.protocol import Protocol, evaluate_loaded, write_json
     from .world.data import save_grid
 
     spec = normalize_spec(spec)  # specs built in code get the same checks and defaults
     cells = cells_of(spec)
+    # An earlier benchmark's folder (resumed), a new or an empty one: never someone else's.
+    if not os.path.isdir(os.path.join(out, "cells")):
+        check_output_dir(out, ("results.json",), "benchmark output folder")
     os.makedirs(os.path.join(out, "cells"), exist_ok=True)
     os.makedirs(os.path.join(out, "grids"), exist_ok=True)
     if spec.get("standard"):

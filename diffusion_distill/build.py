@@ -98,6 +98,9 @@ def setup_run(recipe: dict, device="cpu", teacher=None, networks=None):
     objective = build_objective(recipe["method"], student_times=student_times(recipe, teacher),
                                 total_steps=recipe["train"]["steps"])
     nets = build_nets(recipe, teacher, objective, networks)
+    from .acceleration import apply_to_run
+
+    apply_to_run(recipe["train"], nets, device)  # attention kernel, checkpointing, compile
     objective.setup(nets)  # e.g. DMD2's GAN head, trained with the critic
     return teacher, objective, nets
 
@@ -114,7 +117,7 @@ class Run:
 
 def restore_run(run_dir: str, device="cpu") -> Run:
     """A run folder's pieces with its latest checkpoint's weights loaded."""
-    from .checkpoint import latest_checkpoint, load_checkpoint
+    from .checkpoint import CheckpointError, load_latest_good
 
     path = os.path.join(run_dir, "recipe.yaml")
     if not os.path.isfile(path):
@@ -123,10 +126,18 @@ def restore_run(run_dir: str, device="cpu") -> Run:
     recipe = load_recipe(path)
     torch.manual_seed(recipe["train"]["seed"])
     teacher, objective, nets = setup_run(recipe, device)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"run {run_dir!r} has no checkpoint yet")
-    weights, _, _ = load_checkpoint(ckpt)
-    for role, state in weights.items():
-        nets.load_state_dict(role, state)
+
+    def apply(weights, _optim, state):
+        for role, sd in weights.items():
+            try:
+                nets.load_state_dict(role, sd)
+            except KeyError as e:
+                raise CheckpointError(f"checkpoint of step {state['step']} holds a role "
+                                      f"{role!r} this run does not have") from e
+
+    # A corrupt latest checkpoint falls back to the one before it (with a warning); the run
+    # folder itself is left as it is.
+    if load_latest_good(run_dir, apply) is None:
+        raise FileNotFoundError(f"run {run_dir!r} has no checkpoint yet (nothing in "
+                                f"{os.path.join(run_dir, 'checkpoints')}); train it first")
     return Run(teacher, objective, nets, recipe)

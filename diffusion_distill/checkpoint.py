@@ -1,9 +1,16 @@
-"""Resumable training state, written atomically.
+"""Resumable training state, written atomically; output folders that never replace foreign data.
 
 A checkpoint is a folder ``checkpoints/step_0000200`` holding every role's weights
-(safetensors), the optimizers' states (``torch.save`` of plain tensors, read back with
-``weights_only=True``) and ``state.json``. It is first written under a temporary name and then
-renamed, so a run killed mid-write keeps its last good checkpoint.
+(``weights.safetensors``), the optimizers' states (their tensors in
+``optimizers.safetensors``, everything else in ``optimizers.json``: no pickle anywhere) and
+``state.json``. It is first written under a temporary name and then renamed, so a run killed
+mid-write keeps its last good checkpoint. A checkpoint that cannot be read (truncated weights,
+a broken ``state.json`` or optimizer file) is skipped for the one before it, with a warning
+(:func:`load_latest_good`).
+
+:func:`atomic_dir` writes any output folder (exports, saved pipelines, checkpoints) the same
+way, and replaces an existing folder only when it is one of the same kind (recognised by a
+marker file such as ``distill_config.json``); anything else is refused, never deleted.
 """
 from __future__ import annotations
 
@@ -12,12 +19,28 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
+import time
 
 import torch
 from safetensors.torch import load_file, save_file
 
 PATTERN = re.compile(r"^step_(\d+)$")
+WEIGHTS, OPTIM_TENSORS, OPTIM_JSON, STATE = ("weights.safetensors", "optimizers.safetensors",
+                                             "optimizers.json", "state.json")
+
+
+class OutputFolderError(ValueError):
+    """An output path that would overwrite something that is not ours to replace."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (corrupt, truncated, or from an older format)."""
+
+
+def warn(message: str):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
@@ -34,35 +57,128 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return found[-1][1] if found else None
 
 
-@contextlib.contextmanager
-def atomic_dir(final: str):
-    """Yield a temporary folder beside ``final``; on success it replaces ``final`` by rename.
+# -- output folders -------------------------------------------------------------------------
 
-    A crash or kill mid-write leaves ``final`` as it was (and no half-written folder).
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output_dir(final: str, markers=(), what: str = "output folder") -> bool:
+    """Check that ``final`` may be written as a folder; True when it exists and will be replaced.
+
+    Allowed: a path that does not exist, an empty folder, or a folder holding one of the
+    ``markers`` files (a previous output of the same kind, e.g. ``distill_config.json`` for an
+    export). Refused (:class:`OutputFolderError`, nothing touched): a file, the current folder
+    or a folder above it, and any other non-empty folder.
     """
+    if isinstance(markers, str):
+        markers = (markers,)
+    kinds = " or ".join(markers) if markers else "nothing"
+    if os.path.lexists(final) and not os.path.isdir(final):
+        raise OutputFolderError(
+            f"{what} {final!r} is a file, not a folder; give a folder path (a new one, or one "
+            "written earlier by the same command)")
+    if not os.path.isdir(final):
+        return False
+    if _inside(os.getcwd(), final):
+        raise OutputFolderError(
+            f"{what} {final!r} is the current folder (or holds it) and would be replaced; "
+            "choose a new folder, e.g. --out runs/NAME/export")
+    entries = os.listdir(final)
+    if not entries:
+        return True
+    if any(os.path.isfile(os.path.join(final, m)) for m in markers):
+        return True
+    shown = ", ".join(sorted(entries)[:5]) + (" ..." if len(entries) > 5 else "")
+    raise OutputFolderError(
+        f"{what} {final!r} already exists and holds other files ({shown}) but no {kinds}, so "
+        "it is not an earlier output of this kind and will not be replaced; choose a new "
+        "folder, or remove that one yourself")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str, markers=(), what: str = "output folder"):
+    """Yield a temporary folder beside ``final``; on success it takes ``final``'s place.
+
+    ``final`` may already exist only as an empty folder or one holding a ``markers`` file
+    (see :func:`check_output_dir`); anything else is refused before anything is written. The
+    previous folder is kept until the new one is complete, then swapped out by renames and
+    removed. A crash or kill mid-write leaves ``final`` as it was (and no half-written folder).
+    """
+    check_output_dir(final, markers, what)
     parent = os.path.dirname(os.path.abspath(final))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp_", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the output from others
     try:
         yield tmp
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        # Checked again: something may have appeared meanwhile.
+        replace = check_output_dir(final, markers, what)
+        old = None
+        if replace:
+            old = tempfile.mkdtemp(prefix=".old_", dir=parent)
+            os.rmdir(old)
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if old:
+                os.replace(old, final)
+            raise
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+# -- optimizer state without pickle ---------------------------------------------------------
+
+def _flatten(obj, tensors: dict, key: str):
+    """``obj`` as JSON-ready data, its tensors moved into ``tensors`` under path keys."""
+    if torch.is_tensor(obj):
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, _flatten(v, tensors, f"{key}/{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_flatten(v, tensors, f"{key}/{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_flatten(v, tensors, f"{key}/{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"optimizer state holds a {type(obj).__name__} at {key!r}; only tensors, "
+                    "numbers, strings, lists and dicts can be stored without pickle")
+
+
+def _unflatten(obj, tensors: dict):
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+        return {k: _unflatten(v, tensors) for k, v in obj["__dict__"]}
+    return obj
+
+
 def save_checkpoint(run_dir: str, step: int, weights: dict[str, dict[str, torch.Tensor]],
                     optimizers: dict, state: dict, keep: int = 2) -> str:
     final = os.path.join(run_dir, "checkpoints", f"step_{step:07d}")
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, markers=(STATE, WEIGHTS), what="checkpoint folder") as tmp:
         flat = {f"{role}/{k}": v.detach().cpu().contiguous()
                 for role, sd in weights.items() for k, v in sd.items()}
-        save_file(flat, os.path.join(tmp, "weights.safetensors"))
-        torch.save({r: o.state_dict() for r, o in optimizers.items()},
-                   os.path.join(tmp, "optimizers.pt"))
-        with open(os.path.join(tmp, "state.json"), "w") as f:
+        save_file(flat, os.path.join(tmp, WEIGHTS))
+        tensors: dict = {}
+        structure = _flatten({r: o.state_dict() for r, o in optimizers.items()}, tensors, "o")
+        save_file(tensors, os.path.join(tmp, OPTIM_TENSORS))
+        with open(os.path.join(tmp, OPTIM_JSON), "w") as f:
+            json.dump(structure, f)
+        with open(os.path.join(tmp, STATE), "w") as f:
             json.dump({**state, "step": step}, f, indent=1)
     for _, old in list_checkpoints(run_dir)[:-keep] if keep else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -70,13 +186,83 @@ def save_checkpoint(run_dir: str, step: int, weights: dict[str, dict[str, torch.
 
 
 def load_checkpoint(path: str) -> tuple[dict, dict, dict]:
-    """(weights per role, optimizer states per role, state)."""
-    flat = load_file(os.path.join(path, "weights.safetensors"))
+    """(weights per role, optimizer states per role, state); :class:`CheckpointError` naming
+    the file when one is missing or unreadable."""
+    def part(name, read):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"checkpoint file {file!r} is missing")
+        try:
+            return read(file)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint file {file!r} is unreadable ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from e
+
+    def read_json(file):
+        with open(file) as f:
+            return json.load(f)
+
+    if (not os.path.isfile(os.path.join(path, OPTIM_JSON))
+            and os.path.isfile(os.path.join(path, "optimizers.pt"))):
+        raise CheckpointError(
+            f"checkpoint {path!r} is in the old format (optimizers.pt, a pickle), which is no "
+            "longer read; start the run again with --new-run (the old checkpoints are moved "
+            "aside, not deleted)")
+    flat = part(WEIGHTS, load_file)
     weights: dict[str, dict] = {}
     for key, value in flat.items():
         role, name = key.split("/", 1)
         weights.setdefault(role, {})[name] = value
-    optim = torch.load(os.path.join(path, "optimizers.pt"), weights_only=True)
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
+    tensors = part(OPTIM_TENSORS, load_file)
+    structure = part(OPTIM_JSON, read_json)
+    try:
+        optim = _unflatten(structure, tensors)
+        if not isinstance(optim, dict):
+            raise TypeError("not a mapping of roles")
+    except Exception as e:
+        raise CheckpointError(f"checkpoint file {os.path.join(path, OPTIM_JSON)!r} does not "
+                              f"match {OPTIM_TENSORS} ({type(e).__name__}: {e})") from e
+    state = part(STATE, read_json)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"checkpoint file {os.path.join(path, STATE)!r} has no integer "
+                              f"'step' (got {state!r:.200})")
     return weights, optim, state
+
+
+def load_latest_good(run_dir: str, apply=None, set_aside: bool = False, log=warn):
+    """The newest checkpoint that loads (and that ``apply(weights, optim, state)`` accepts),
+    as (path, weights, optim, state); None when the run has no checkpoint at all.
+
+    A corrupt checkpoint is skipped with a warning naming the file and why; with
+    ``set_aside`` (training) it is renamed ``checkpoints/corrupt_step_...`` (kept for
+    inspection, never deleted) so the run can write that step again. When every checkpoint
+    is bad, :class:`CheckpointError` names them (and nothing is moved).
+    """
+    found = list_checkpoints(run_dir)
+    if not found:
+        return None
+    errors, bad = [], []
+    for _, path in reversed(found):
+        try:
+            weights, optim, state = load_checkpoint(path)
+            if apply is not None:
+                apply(weights, optim, state)
+        except CheckpointError as e:
+            if "old format" in str(e):
+                raise
+            errors.append(str(e))
+            older = [p for _, p in found if p < path]
+            log(f"{e}; " + (f"falling back to the previous checkpoint {older[-1]!r}"
+                            if older else "no earlier checkpoint to fall back to"))
+            bad.append(path)
+            continue
+        for corrupt in bad if set_aside else ():
+            aside = os.path.join(os.path.dirname(corrupt), f"corrupt_{os.path.basename(corrupt)}"
+                                 f"_{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(corrupt, aside)
+            log(f"moved the unreadable checkpoint to {aside!r}")
+        return path, weights, optim, state
+    raise CheckpointError(
+        f"no readable checkpoint in {os.path.join(run_dir, 'checkpoints')!r}: "
+        + "; ".join(errors) + ". Start the run again with --new-run (the old checkpoints are "
+        "moved aside, not deleted).")

@@ -18,12 +18,18 @@ DEFAULT_RECIPE = "recipes/dmd2_sd3.yaml"  # the embedded teacher that meets the 
 
 def run_demo(recipe: str = DEFAULT_RECIPE, overrides=(), num: int = 250, out: str = "runs/demo",
              teacher_steps: int = 50, progress: bool = True) -> dict:
+    from .checkpoint import check_output_dir
     from .eval.evaluate import summary_table
     from .eval.protocol import Protocol, evaluate_loaded, load_model
     from .recipe import load_recipe
     from .train import train
     from .world.data import save_grid
 
+    # An earlier demo's folder (its run resumes), a new or an empty one: never someone else's.
+    if not os.path.isfile(os.path.join(out, "run", "recipe.yaml")):
+        check_output_dir(out, ("demo.json",), "demo output folder")
+    if num < 4:
+        raise ValueError(f"--num {num} is too few samples; the metrics need at least 4")
     started = time.time()
     resolved = load_recipe(recipe, list(overrides) + [f"output.dir={out}/run"])
     run_dir = train(resolved, progress=progress)

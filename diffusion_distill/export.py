@@ -23,6 +23,8 @@ import os
 
 CONFIG_NAME = "distill_config.json"
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# What an export folder may replace: an earlier LoRA export, or a full fine-tune's pipeline.
+EXPORT_MARKERS = (CONFIG_NAME, "model_index.json")
 
 
 def base_fingerprint(backbone) -> str:
@@ -129,7 +131,7 @@ def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = No
                 "adapters": [s.export_names.get(r, r) for r in s.adapters]
                 if s.export_names else None}
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, markers=(CONFIG_NAME,), what="export folder") as tmp:
         named = sampler.export_names
         if named:
             for trained in sampler.roles:
@@ -199,7 +201,10 @@ def usage_snippet(config: dict) -> list[str]:
 
 
 def _export_full(nets, teacher, recipe, out_dir):
-    """Full fine-tune (also how the embedded teachers are trained): save the whole pipeline."""
+    """Full fine-tune (also how the embedded teachers are trained): save the whole pipeline
+    (atomically; it replaces only an earlier saved pipeline, a folder with model_index.json)."""
+    from .checkpoint import atomic_dir
+
     role = "ema" if "ema" in nets.roles.networks else "student"
     backbone = nets.roles.networks[role]
     pipe = teacher.pipe
@@ -207,7 +212,8 @@ def _export_full(nets, teacher, recipe, out_dir):
     original = getattr(pipe, component)
     try:
         setattr(pipe, component, backbone)
-        pipe.save_pretrained(out_dir, safe_serialization=True)
+        with atomic_dir(out_dir, markers=("model_index.json",), what="pipeline folder") as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
     finally:
         setattr(pipe, component, original)
     return out_dir
@@ -324,7 +330,14 @@ def add_parser(sub):
 
 def _cli(args):
     from .build import restore_run
+    from .checkpoint import OutputFolderError, _inside, check_output_dir
 
+    if _inside(args.run, args.out):
+        raise OutputFolderError(
+            f"--out {args.out!r} is the run folder {args.run!r} or a folder above it; an export "
+            "there would replace the run. Choose a new folder, e.g. --out exports/NAME (or "
+            "RUN/export)")
+    check_output_dir(args.out, EXPORT_MARKERS, "--out export folder")  # before loading
     run = restore_run(args.run)
     print(export_nets(run.nets, run.teacher, run.recipe, args.out, role=args.role,
                       objective=run.objective))

@@ -8,9 +8,38 @@ the objective's signature checks them.
 from __future__ import annotations
 
 import copy
+import itertools
+import math
 import os
+import re
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-4`` / ``5E3`` as numbers (YAML 1.2), not strings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                 |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                 |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                 |[-+]?\.(?:inf|Inf|INF)
+                 |\.(?:nan|NaN|NAN))$""", re.VERBOSE),
+    list("-+0123456789."))
+
+
+def yaml_load(text, where: str = "<text>"):
+    """YAML with numbers read as numbers; a syntax error names the file, line and column."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise RecipeError(f"{at}: YAML syntax error: {problem}; fix the line (indentation, "
+                          "a missing ':' or an unclosed quote or bracket)") from None
 
 DEFAULTS: dict = {
     "name": "run",
@@ -59,6 +88,10 @@ DEFAULTS: dict = {
         "eval_num": 64,
         "device": "auto",          # auto | cpu | cuda
         "stop_after": None,        # stop early at this step (tests; the schedule still says steps)
+        "attention": "native",     # native | math | efficient | flash | cudnn | xformers | flex
+                                   # | sage (what runs here is checked; see acceleration.py)
+        "gradient_checkpointing": False,  # recompute the backbone's activations in backward
+        "compile": False,          # torch.compile the repeated blocks (regional)
     },
     "output": {
         "dir": None,               # default runs/<name>
@@ -69,7 +102,8 @@ DEFAULTS: dict = {
 
 
 class RecipeError(ValueError):
-    pass
+    """A recipe value people must fix; the message names the key, the value and what is
+    allowed."""
 
 
 def _merge(base: dict, override: dict, path: str = "") -> dict:
@@ -114,7 +148,8 @@ def _check_type(where, default, value):
         ok = isinstance(value, type(default))
     if not ok:
         raise RecipeError(f"recipe key {where!r} expects {type(default).__name__} (default "
-                          f"{default!r}), got {type(value).__name__} {value!r}")
+                          f"{default!r}), got {type(value).__name__} {value!r}; fix it in the "
+                          f"recipe file or override it ({where}=...)")
     return value
 
 
@@ -122,7 +157,7 @@ def parse_override(item: str) -> tuple[list[str], object]:
     if "=" not in item:
         raise RecipeError(f"override {item!r} is not key=value (e.g. train.steps=200)")
     key, raw = item.split("=", 1)
-    return key.split("."), yaml.safe_load(raw)
+    return key.split("."), yaml_load(raw, f"override {item!r}")
 
 
 PACKAGED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
@@ -131,7 +166,8 @@ PACKAGED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 def packaged_recipes() -> list[str]:
     """The shipped recipes' names (``dmd2_sd``, ``teachers/sd_unet``, ``hub/dmd2_sdxl``, ...)."""
     names = []
-    for root, _, files in os.walk(PACKAGED):
+    for root, dirs, files in os.walk(PACKAGED):
+        dirs[:] = [d for d in dirs if d != "accelerate"]  # accelerate's launch configs
         for f in files:
             if f.endswith(".yaml"):
                 rel = os.path.relpath(os.path.join(root, f), PACKAGED)
@@ -145,7 +181,7 @@ def find_recipe(path: str) -> str:
     from any folder)."""
     if os.path.isfile(path):
         return path
-    name = path[len("recipes/"):] if path.startswith("recipes/") else path
+    name = path.removeprefix("recipes/")
     candidate = os.path.join(PACKAGED, name if name.endswith(".yaml") else name + ".yaml")
     if os.path.isfile(candidate):
         return candidate
@@ -163,16 +199,105 @@ def load_recipe(path_or_dict, overrides: list[str] = ()) -> dict:
     else:
         path_or_dict = find_recipe(path_or_dict)
         with open(path_or_dict) as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml_load(f.read(), path_or_dict) or {}
         if not isinstance(data, dict):
             raise RecipeError(f"recipe {path_or_dict!r} must be a YAML mapping")
     for item in overrides:
         keys, value = parse_override(item)
         node = data
-        for k in keys[:-1]:
+        for i, k in enumerate(keys[:-1]):
             node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {item!r}: {'.'.join(keys[:i + 1])!r} is not a "
+                                  "section, so it has no sub-key")
         node[keys[-1]] = value
     recipe = _merge(DEFAULTS, data)
+    validate(recipe)
     if recipe["output"]["dir"] is None:
         recipe["output"]["dir"] = os.path.join("runs", recipe["name"])
     return recipe
+
+
+# -- value checks -------------------------------------------------------------------------
+# Each: (key path, test, the allowed values in words). A value None is allowed wherever the
+# default is None (it means "not set").
+_POSITIVE_INT = (lambda v: v > 0, "an integer > 0")
+def _attention_backends():
+    from .acceleration import BACKENDS
+
+    return BACKENDS
+
+
+_RULES = [
+    ("train.steps", *_POSITIVE_INT),
+    ("train.batch_size", *_POSITIVE_INT),
+    ("train.grad_accum", *_POSITIVE_INT),
+    ("train.log_every", *_POSITIVE_INT),
+    ("train.checkpoint_every", *_POSITIVE_INT),
+    ("train.keep_checkpoints", lambda v: v >= 0, "an integer >= 0 (0: keep all)"),
+    ("train.eval_every", lambda v: v >= 0, "an integer >= 0 (0: off)"),
+    ("train.eval_num", lambda v: v >= 4, "an integer >= 4"),
+    ("train.stop_after", *_POSITIVE_INT),
+    ("train.seed", lambda v: v >= 0, "an integer >= 0"),
+    ("train.lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0, e.g. 1e-4"),
+    ("train.lr_critic", lambda v: math.isfinite(v) and v > 0, "a finite number > 0, or null"),
+    ("train.lr_final", lambda v: math.isfinite(v) and 0 <= v <= 1,
+     "a fraction of train.lr in [0, 1], or null (constant rate)"),
+    ("train.weight_decay", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    ("train.clip_grad", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0: off)"),
+    ("train.ema_decay", lambda v: math.isfinite(v) and 0 <= v < 1,
+     "a number in [0, 1), or null (no EMA)"),
+    ("train.betas", lambda v: len(v) == 2 and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in v),
+     "two numbers in [0, 1), e.g. [0.9, 0.999]"),
+    ("train.mixed_precision", lambda v: v in ("no", "fp16", "bf16"), "one of no, fp16, bf16"),
+    ("train.device", lambda v: v in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
+    ("train.attention", lambda v: v in _attention_backends(),
+     "one of native, math, efficient, flash, cudnn, xformers, flex, sage"),
+    ("student.mode", lambda v: v in ("lora", "full"), "lora or full"),
+    ("student.rank", lambda v: v >= 1, "an integer >= 1"),
+    ("student.alpha", lambda v: math.isfinite(v) and v > 0, "a number > 0, or null (= rank)"),
+    ("student.num_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("student.timesteps", lambda v: len(v) >= 1 and all(
+        isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 1 for t in v)
+     and all(a > b for a, b in itertools.pairwise(v)),
+     "a list of times in (0, 1], strictly descending (highest first), e.g. [1.0, 0.5], or null"),
+    ("teacher.guidance", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0, or null"),
+    ("data.source", lambda v: v in ("world", "folder", "prompts"), "world, folder or prompts"),
+    ("data.resolution", lambda v: v >= 8, "an integer >= 8 (pixels)"),
+    ("data.on_error", lambda v: v in ("skip", "raise"), "skip or raise"),
+    ("output.export_role", lambda v: bool(v.strip()),
+     "a role name: ema (default), student, or a role the method trains"),
+    ("name", lambda v: bool(v.strip()) and "/" not in v and "\\" not in v,
+     "a non-empty name without slashes"),
+]
+
+
+def _get(recipe: dict, path: str):
+    node = recipe
+    for k in path.split("."):
+        node = node[k]
+    return node
+
+
+def validate(recipe: dict):
+    """Check every value against its allowed range; :class:`RecipeError` names the key path,
+    the value, what is allowed and what to do."""
+    for path, test, allowed in _RULES:
+        value = _get(recipe, path)
+        if value is None:
+            continue
+        try:
+            ok = bool(test(value))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise RecipeError(f"recipe key {path!r} is {value!r}, but must be {allowed}; "
+                              f"fix it in the recipe file or override it ({path}=...)")
+    method = recipe["method"]
+    if not isinstance(method.get("name"), str) or not method["name"].strip():
+        raise RecipeError(f"recipe key 'method.name' is {method.get('name')!r}, but must be a "
+                          "method name such as dmd2; set method: {name: dmd2}")
+    if recipe["data"]["source"] == "folder" and not recipe["data"]["path"]:
+        raise RecipeError("recipe key 'data.path' is empty but data.source is 'folder'; set "
+                          "data.path=/path/to/images")

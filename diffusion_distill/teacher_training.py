@@ -72,16 +72,15 @@ def scale_latents(vae, latents):
 
 
 def save_pipeline(pipe, backbone_state, out):
-    """Write the pipeline with the given denoiser weights (safetensors)."""
+    """Write the pipeline with the given denoiser weights (safetensors); ``out`` may only be
+    new, empty, or an earlier saved pipeline (anything else is refused, never deleted)."""
     net = pipe.unet if hasattr(pipe, "unet") and pipe.unet is not None else pipe.transformer
     net.load_state_dict(backbone_state)
-    tmp = out + ".tmp"
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if os.path.isdir(out):
-        import shutil
+    from .checkpoint import atomic_dir
 
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    # Replaces only an earlier saved pipeline (a folder with model_index.json), atomically.
+    with atomic_dir(out, markers=("model_index.json",), what="pipeline folder") as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
 
 
 def _load_denoiser(pipe, folder: str):
@@ -111,6 +110,11 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
     from .train import train_step
     from .world import teachers as world_teachers
 
+    for flag, value, ok in (("--pool", pool, pool is None or pool >= 1),
+                            ("--threads", threads, threads is None or threads >= 1),
+                            ("--minutes", minutes, minutes is None or minutes > 0)):
+        if not ok:
+            raise ValueError(f"{flag} is {value!r}, but must be > 0 (or left out)")
     if threads:
         torch.set_num_threads(threads)
     recipe = load_recipe(name if isinstance(name, dict) else recipe_path(name), list(overrides))
@@ -153,6 +157,9 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
                 "ema_warmup": True}
 
     out = out or os.path.join(recipe["output"]["dir"], "pipeline")
+    from .checkpoint import check_output_dir
+
+    check_output_dir(out, ("model_index.json",), "pipeline folder")  # before any training
     run_dir = os.path.dirname(out) or "."
     os.makedirs(run_dir, exist_ok=True)
     pool = pool or max(2048, min(16384, cfg["steps"] * cfg["batch_size"] // 4))

@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import platform
 import time
 
 import torch
@@ -242,19 +243,199 @@ class LogInterval:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
 
+# -- the run folder: lock, recipe, resume ---------------------------------------------------
+
+# Keys that make a run a different run: resuming its checkpoints under other values would
+# load weights into the wrong shapes, or train them towards another target.
+# (The method's options are compared one by one; ``train.ema_decay`` only for on / off.)
+IDENTITY_KEYS = ("teacher.path", "teacher.build", "teacher.prediction_type", "student.mode",
+                 "student.rank", "student.alpha", "student.target_modules", "student.num_steps",
+                 "student.timesteps")
+LOCK_NAME = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str):
+    """``run_dir/.lock`` with this process's pid for as long as the run trains. A second
+    training into the same folder is refused; a lock whose process is gone is taken over."""
+    from .checkpoint import warn
+
+    path = os.path.join(run_dir, LOCK_NAME)
+    me = {"pid": os.getpid(), "host": platform.node(), "started": time.time()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    owner = json.load(f)
+                pid = int(owner["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                owner, pid = {}, None
+            same_host = owner.get("host", me["host"]) == me["host"]
+            if pid is not None and same_host and (pid == me["pid"] or _pid_alive(pid)):
+                raise RunLockedError(
+                    f"run folder {run_dir!r} is in use: process {pid} is training into it "
+                    f"(lock file {path}). Wait for it to finish, stop it, or give this run "
+                    "another output.dir") from None
+            if pid is not None and not same_host:
+                raise RunLockedError(
+                    f"run folder {run_dir!r} is locked by process {pid} on {owner['host']!r} "
+                    f"(lock file {path}); if that run is over, remove the lock file yourself")
+            warn(f"taking over the stale lock {path} " + (
+                f"(process {pid} is not running)" if pid is not None else "(unreadable)"))
+            os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    mine = False
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError, ValueError), open(path) as f:
+            mine = json.load(f).get("pid") == me["pid"]
+        if mine:
+            os.remove(path)
+
+
+class RunLockedError(ValueError):
+    pass
+
+
+def _identity_diff(old: dict, new: dict) -> list[str]:
+    from .recipe import _get
+
+    diff = []
+    for key in IDENTITY_KEYS:
+        try:
+            a = _get(old, key)
+        except (KeyError, TypeError):
+            a = None
+        b = _get(new, key)
+        if a != b:
+            diff.append(f"{key}: {a!r} -> {b!r}")
+    a, b = old.get("method") or {}, new["method"]
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            diff.append(f"method.{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}")
+    a, b = (old.get("train") or {}).get("ema_decay"), new["train"]["ema_decay"]
+    if (a is None) != (b is None):
+        change = "removed" if b is None else "added"
+        diff.append(f"train.ema_decay: {a!r} -> {b!r} (the EMA role {change})")
+    return diff
+
+
+def check_run_folder(run_dir: str):
+    """A run folder is new, empty, or an earlier run's (it has ``recipe.yaml``)."""
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"output.dir {run_dir!r} is a file, not a folder; give a folder for "
+                         "the run (e.g. output.dir=runs/NAME)")
+    if os.path.isdir(run_dir) and not os.path.isfile(os.path.join(run_dir, "recipe.yaml")):
+        entries = [e for e in os.listdir(run_dir) if e != LOCK_NAME]
+        if entries:
+            raise ValueError(
+                f"output.dir {run_dir!r} already holds other files "
+                f"({', '.join(sorted(entries)[:5])}{' ...' if len(entries) > 5 else ''}) and "
+                "no recipe.yaml, so it is not a run folder; choose a new output.dir (e.g. "
+                "output.dir=runs/NAME) or empty it yourself")
+
+
+def prepare_run_dir(recipe: dict, new_run: bool = False, log=print):
+    """Check the run folder against the recipe before anything is written there.
+
+    A folder holding a previous run with checkpoints resumes only under the same recipe
+    identity (:data:`IDENTITY_KEYS`) and a ``train.steps`` not below the last checkpoint;
+    otherwise this refuses, naming the differing keys. ``new_run``: start over, moving the
+    previous ``checkpoints/`` and ``recipe.yaml`` aside (renamed, never deleted). A changed
+    ``recipe.yaml`` is kept as ``recipe.previous-<time>.yaml`` before the new one is written.
+    """
+    from .checkpoint import list_checkpoints
+    from .recipe import load_recipe
+
+    run_dir = recipe["output"]["dir"]
+    check_run_folder(run_dir)
+    path = os.path.join(run_dir, "recipe.yaml")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    found = list_checkpoints(run_dir)
+    old_text = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            old_text = f.read()
+        try:
+            old = load_recipe(path)
+        except ValueError as e:
+            old = None
+            if found and not new_run:
+                raise ValueError(f"the run folder's recipe {path} cannot be read ({e}); it has "
+                                 "checkpoints, so it is not replaced. Fix it, or pass --new-run "
+                                 "to start over (the old files are moved aside)") from None
+        diff = _identity_diff(old, recipe) if old is not None else []
+        if found and not new_run:
+            last = found[-1][0]
+            if recipe["train"]["steps"] < last:
+                diff.append(f"train.steps: {recipe['train']['steps']} is below the last "
+                            f"checkpoint's step {last}")
+            if diff:
+                raise ValueError(
+                    f"run folder {run_dir!r} holds a different run (checkpoints up to step "
+                    f"{last}); the recipe differs in: {'; '.join(diff)}. Resume with the same "
+                    "recipe, choose another output.dir, or pass --new-run to start over here "
+                    "(the old checkpoints and recipe are moved aside, not deleted)")
+    if new_run and (found or os.path.isdir(os.path.join(run_dir, "checkpoints"))):
+        aside = os.path.join(run_dir, f"checkpoints.previous-{stamp}")
+        os.replace(os.path.join(run_dir, "checkpoints"), aside)
+        log(f"--new-run: moved the previous checkpoints to {aside}")
+    for name in ("metrics.jsonl", "eval.jsonl") if new_run else ():
+        if os.path.isfile(os.path.join(run_dir, name)):  # the new run's logs start empty
+            stem, ext = os.path.splitext(name)
+            os.replace(os.path.join(run_dir, name),
+                       os.path.join(run_dir, f"{stem}.previous-{stamp}{ext}"))
+    os.makedirs(run_dir, exist_ok=True)
+    text = yaml.safe_dump(recipe, sort_keys=False)
+    if old_text is not None and old_text != text:
+        kept = os.path.join(run_dir, f"recipe.previous-{stamp}.yaml")
+        with open(kept, "w") as f:
+            f.write(old_text)
+        log(f"the recipe changed; the previous one is kept as {kept}")
+    if old_text != text:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+
+def check_device(cfg: dict):
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise ValueError("recipe key 'train.device' is 'cuda' but no CUDA GPU is available "
+                         "here; use train.device=auto (the GPU when there is one) or cpu")
+
+
 def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
-          networks=None, return_nets: bool = False):
+          networks=None, return_nets: bool = False, new_run: bool = False):
     """Run (or resume) a recipe; returns the run folder (and the nets, if asked).
 
     From Python, ``teacher`` may be any Teacher (e.g. ``custom_teacher(fn, shape)``) and
-    ``networks`` the user's own {role: module} for it.
+    ``networks`` the user's own {role: module} for it. ``new_run``: start over in a run
+    folder that holds another run (its checkpoints are moved aside, see
+    :func:`prepare_run_dir`).
     """
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
-    from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from .checkpoint import load_latest_good
 
     recipe = load_recipe(recipe, overrides)
+    check_device(recipe["train"])
     if recipe["teacher"]["build"] and teacher is None:
         # A fresh pipeline trained from scratch: a teacher recipe (recipes/teachers/).
         from .teacher_training import train_teacher
@@ -266,13 +447,30 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
                          "loop does not do; use bf16 (or no).")
     accelerator = Accelerator(cpu=cfg["device"] == "cpu" or not torch.cuda.is_available(),
                               mixed_precision=cfg["mixed_precision"])
+    run_dir = recipe["output"]["dir"]
+    main = accelerator.is_main_process
+    with contextlib.ExitStack() as stack:
+        if main:
+            check_run_folder(run_dir)  # before a lock file lands in someone else's folder
+            os.makedirs(run_dir, exist_ok=True)
+            stack.enter_context(run_lock(run_dir))
+            prepare_run_dir(recipe, new_run=new_run, log=print)
+            if accelerator.num_processes > 1:
+                # corrupt checkpoints are set aside once, here, before every process loads
+                load_latest_good(run_dir, set_aside=True)
+        accelerator.wait_for_everyone()
+        return _train_locked(recipe, accelerator, teacher, networks, return_nets, progress)
+
+
+def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress):
+    from tqdm.auto import tqdm
+
+    from .checkpoint import CheckpointError, load_latest_good, save_checkpoint
+
+    cfg = recipe["train"]
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     run_dir = recipe["output"]["dir"]
     main = accelerator.is_main_process
-    if main:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "recipe.yaml"), "w") as f:
-            yaml.safe_dump(recipe, f, sort_keys=False)
 
     torch.manual_seed(cfg["seed"])  # adapters' random init is the same on every process
     teacher, objective, nets = setup_run(recipe, device, teacher, networks)
@@ -285,15 +483,38 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
     local_batch = cfg["batch_size"] // per_step
     optimizers = build_optimizers(objective, nets, cfg)
     weight_roles = list(objective.roles) + (["ema"] if nets.roles.ema_of else [])
+    role = recipe["output"]["export_role"]
+    if recipe["output"]["export"] and role not in ("ema", "student", *objective.roles):
+        raise ValueError(f"recipe key 'output.export_role' is {role!r}, but this method's roles "
+                         f"are {['ema', *objective.roles]}; set output.export_role=ema (or one "
+                         "of those)")
+    if main and recipe["output"]["export"]:
+        from .checkpoint import check_output_dir
+        from .export import EXPORT_MARKERS
+
+        # refused now, not after the whole training
+        check_output_dir(os.path.join(run_dir, "export"), EXPORT_MARKERS, "export folder")
+
+    def apply(weights, optim_states, state):
+        missing = [r for r in weight_roles if r not in weights] + \
+            [r for r in optimizers if r not in optim_states]
+        if missing:
+            raise CheckpointError(f"checkpoint of step {state.get('step')} lacks the role(s) "
+                                  f"{missing}")
+        try:
+            for r in weight_roles:
+                nets.load_state_dict(r, {k: v.to(device) for k, v in weights[r].items()})
+            for r, opt in optimizers.items():
+                opt.load_state_dict(optim_states[r])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"the checkpoint in {run_dir!r} does not fit this recipe "
+                             f"({str(e).splitlines()[0][:300]}); use the recipe it was "
+                             "trained with, or --new-run") from e
 
     start = 0
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt:
-        weights, optim_states, state = load_checkpoint(ckpt)
-        for role in weight_roles:
-            nets.load_state_dict(role, {k: v.to(device) for k, v in weights[role].items()})
-        for role, opt in optimizers.items():
-            opt.load_state_dict(optim_states[role])
+    found = load_latest_good(run_dir, apply, set_aside=main and world == 1)
+    if found:
+        ckpt, _, _, state = found
         start = state["step"]
         if main:
             print(f"resuming {run_dir} from step {start} ({ckpt})")
@@ -409,6 +630,9 @@ def add_parser(sub):
     p.add_argument("recipe", help="a YAML file in recipes/")
     p.add_argument("overrides", nargs="*", help="key.path=value, e.g. train.steps=200")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=lambda a: print(train(a.recipe, a.overrides,
-                                              progress=not a.no_progress)))
+    p.add_argument("--new-run", action="store_true",
+                   help="start over in an output.dir that holds another run (its checkpoints "
+                        "and recipe.yaml are moved aside, never deleted)")
+    p.set_defaults(func=lambda a: print(train(a.recipe, a.overrides, progress=not a.no_progress,
+                                              new_run=a.new_run)))
 

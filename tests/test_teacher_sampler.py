@@ -75,11 +75,11 @@ PROMPTS = ["a red circle", "two blue squares"]
 
 
 def _pipeline_latents(pipe, teacher, steps, guidance, seed, **size):
-    c, h, w = teacher.latent_shape
+    _, h, w = teacher.latent_shape
     factor = pipe.vae_scale_factor
-    kwargs = dict(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=guidance,
-                  generator=torch.Generator().manual_seed(seed), output_type="latent",
-                  height=h * factor, width=w * factor)
+    kwargs = {"prompt": PROMPTS, "num_inference_steps": steps, "guidance_scale": guidance,
+              "generator": torch.Generator().manual_seed(seed), "output_type": "latent",
+              "height": h * factor, "width": w * factor}
     if teacher.family == "flux":
         kwargs["max_sequence_length"] = 16
     if teacher.family in ("pixart", "sana"):

@@ -492,14 +492,20 @@ def _prepare_sample_dir(folder: str):
     silently change the FID.
     """
     os.makedirs(folder, exist_ok=True)
-    for name in os.listdir(folder):
-        if _OWN_FILE.fullmatch(name):
-            os.remove(os.path.join(folder, name))
-    others = image_files(folder)
+    # Checked before anything is removed: foreign images are never deleted, only refused.
+    own = [n for n in os.listdir(folder) if _OWN_FILE.fullmatch(n)]
+    others = [p for p in image_files(folder)
+              if not (os.path.dirname(p) == folder.rstrip(os.sep)
+                      and _OWN_FILE.fullmatch(os.path.basename(p)))]
+    if own and not os.path.isfile(os.path.join(folder, PROMPTS_FILE)):
+        others = sorted(os.path.join(folder, n) for n in own) + others  # no manifest: not ours
     if others:
         raise ValueError(f"sample folder {folder!r} holds other images ({others[:3]}, "
                          f"{len(others)} in all) that clean-fid would score with the samples; "
-                         "give an empty folder or one written by write_samples")
+                         "give an empty folder or one written by write_samples (with its "
+                         f"{PROMPTS_FILE}); nothing was removed")
+    for name in own:
+        os.remove(os.path.join(folder, name))
 
 
 # -- clean-fid -----------------------------------------------------------------------------

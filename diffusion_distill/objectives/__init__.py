@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ..samplers import StudentSampler
 
+
 @dataclass(frozen=True)
 class RoleSettings:
     """How the loop trains one role: which recipe learning rate, and whether it keeps an EMA.

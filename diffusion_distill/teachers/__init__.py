@@ -108,13 +108,13 @@ def load_teacher(path_or_pipe, **kwargs) -> Teacher:
 
 
 __all__ = [
-    "backbone_name",
-    "pipeline_backbone",
     "FAMILIES",
     "PromptCache",
     "Teacher",
+    "backbone_name",
     "custom_teacher",
     "load_pipeline",
     "load_teacher",
+    "pipeline_backbone",
     "teacher_from_pipeline",
 ]

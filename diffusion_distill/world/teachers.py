@@ -15,8 +15,8 @@ import os
 
 import torch
 
-from .data import WORDS
 from ..tokenizer import make_clip_tokenizer
+from .data import WORDS
 
 # Captions are at most ~12 tokens; a short CLIP context keeps the denoisers' cross-attention
 # (and the SD3 joint attention) cheap. Longer prompts are truncated by the pipeline, with its
