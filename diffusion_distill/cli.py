@@ -61,7 +61,7 @@ class UserError(ValueError):
 
 
 def _user_errors():
-    from .train import NonFiniteLossError
+    from .step import NonFiniteLossError
 
     # Errors meant for people: the message says what was given, why not and what to do.
     return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,

@@ -105,9 +105,9 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
     """
     from .objectives import build_objective
     from .recipe import load_recipe
+    from .step import train_step
     from .student import Nets, SeparateRoles
     from .teachers import teacher_from_pipeline
-    from .train import train_step
     from .world import teachers as world_teachers
 
     for flag, value, ok in (("--pool", pool, pool is None or pool >= 1),
@@ -184,7 +184,7 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
             cond, _ = world_teachers.collapse_repeated_context(cond)
         return {"x0": x0_pool[index], "cond": cond, "prompts": caps}
 
-    from .train import LogInterval
+    from .step import LogInterval
 
     interval = LogInterval()
     for step in range(cfg["steps"]):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import platform
 import time
@@ -25,53 +24,16 @@ import yaml
 
 from .build import setup_run, student_times  # noqa: F401  (student_times: public here too)
 from .recipe import load_recipe
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-class Randomness:
-    """Global-batch random draws, sliced to this process; seeded by (seed, step, micro)."""
-
-    def __init__(self, seed: int, step: int, micro: int, rank: int = 0, world: int = 1,
-                 device="cpu"):
-        self.gen = torch.Generator().manual_seed(
-            (seed * 1_000_003 + step * 7919 + micro * 31) % (2**63))
-        self.rank, self.world, self.device = rank, world, device
-
-    def _slice(self, x):
-        n = x.shape[0] // self.world
-        return x[self.rank * n:(self.rank + 1) * n].to(self.device)
-
-    def randn(self, *shape):
-        return self._slice(torch.randn((shape[0] * self.world, *shape[1:]), generator=self.gen))
-
-    def rand(self, *shape):
-        return self._slice(torch.rand((shape[0] * self.world, *shape[1:]), generator=self.gen))
-
-    def randint(self, high, n):
-        return self._slice(torch.randint(high, (n * self.world,), generator=self.gen))
-
-    def choice(self, high: int) -> int:
-        """One integer in [0, high), the same on every process (e.g. a student step index)."""
-        return int(torch.randint(high, (1,), generator=self.gen))
-
-    def seed(self) -> int:
-        """A seed shared by all processes (e.g. for the procedural data)."""
-        return int(torch.randint(2**31 - 1, (1,), generator=self.gen))
-
-
-class StepContext:
-    def __init__(self, step, micro, rng, num_micro, total_steps):
-        self.step, self.micro, self.rng = step, micro, rng
-        self.total_steps = total_steps
-        self.num_micro = num_micro
-        self.logs: dict[str, float] = {}
-
-    def log(self, **values):
-        for k, v in values.items():
-            self.logs[k] = float(v.detach().float().mean()) if torch.is_tensor(v) else float(v)
+from .step import (  # noqa: F401  (public here too: the loop's pieces)
+    LogInterval,
+    NonFiniteLossError,
+    Randomness,
+    StepContext,
+    _all_reduce_mean,
+    build_optimizers,
+    lr_factor,
+    train_step,
+)
 
 
 class Batches:
@@ -128,119 +90,6 @@ class Batches:
         if self.needs_data:
             batch["x0"] = self.teacher.encode_images(images[lo:hi].to(rng.device))
         return batch
-
-
-# -- the loop ---------------------------------------------------------------------------
-
-def lr_factor(step: int, steps: int, final: float | None, warmup: int = 0) -> float:
-    """The learning-rate multiplier at ``step``: linear warm-up over ``warmup`` steps, then
-    constant (``final`` None) or a cosine from 1 to ``final`` at the last step.
-
-    A function of the step alone, so a resumed run follows the same schedule."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if final is None:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, steps - 1 - warmup))
-    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizers(objective, nets, cfg) -> dict:
-    """One AdamW per trained role, at the learning rate the objective's role settings name."""
-    optimizers = {}
-    for role in objective.roles:
-        key = objective.role_settings(role).lr
-        lr = cfg[key] if cfg.get(key) is not None else cfg["lr"]
-        optimizers[role] = torch.optim.AdamW(nets.params(role), lr=lr, betas=tuple(cfg["betas"]),
-                                             weight_decay=cfg["weight_decay"])
-        # the recipe's rate for this role, before the schedule's factor
-        optimizers[role].base_lr = lr
-    return optimizers
-
-
-def train_step(objective, nets, optimizers, batches, step: int, cfg: dict, local_batch: int,
-               rank: int = 0, world: int = 1, device="cpu", accelerator=None,
-               run_dir: str | None = None, observe=None) -> dict:
-    """One optimisation step of every role the objective trains at ``step``.
-
-    The one training step: the loop, the teachers' own training (a ``denoising`` recipe) and
-    ``benchmarks/memory.py`` all call this. Returns the step's logs: ``loss/<role>`` and the
-    objective's terms, each a mean over the accumulation micro-batches. ``observe(event,
-    role)``, if given, is called before and after each backward and optimizer step (events
-    ``forward``, ``backward``, ``before_step``, ``step``): how the memory benchmark measures
-    this very step.
-    """
-    observe = observe or (lambda event, role: None)
-    touched: list[str] = []
-    logs: dict[str, float] = {}
-    backward = accelerator.backward if accelerator is not None else \
-        (lambda loss, **kw: loss.backward(**kw))
-    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
-    for micro in range(cfg["grad_accum"]):
-        rng = Randomness(cfg["seed"], step, micro, rank, world, device)
-        ctx = StepContext(step, micro, rng, cfg["grad_accum"], cfg["steps"])
-        batch = batches(rng, local_batch)
-        with autocast():
-            for role, loss in objective(nets, batch, ctx):
-                if not torch.isfinite(loss).all():
-                    from .checkpoint import latest_checkpoint
-
-                    last = latest_checkpoint(run_dir) if run_dir else None
-                    raise NonFiniteLossError(
-                        f"step {step}: the {role} loss is {loss.item()} (terms: {ctx.logs}); "
-                        f"stopped. The last good checkpoint stays at {last or '(none yet)'}; "
-                        "lower train.lr or check the data.")
-                loss = loss / cfg["grad_accum"]
-                observe("forward", role)
-                backward(loss, inputs=nets.params(role))
-                observe("backward", role)
-                logs[f"loss/{role}"] = logs.get(f"loss/{role}", 0.0) + float(loss.detach())
-                if role not in touched:
-                    touched.append(role)
-        for k, v in ctx.logs.items():
-            logs[k] = logs.get(k, 0.0) + v / cfg["grad_accum"]
-    factor = lr_factor(step, cfg["steps"], cfg["lr_final"], cfg.get("warmup_steps", 0))
-    for role in touched:
-        params = nets.params(role)
-        if world > 1:
-            _all_reduce_mean(params)
-        if cfg["clip_grad"]:
-            torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad"])
-        for group in optimizers[role].param_groups:
-            group["lr"] = optimizers[role].base_lr * factor
-        observe("before_step", role)
-        optimizers[role].step()
-        optimizers[role].zero_grad(set_to_none=True)
-        observe("step", role)
-    ema_of = getattr(nets.roles, "ema_of", None)
-    if ema_of and ema_of in touched:
-        decay = cfg["ema_decay"]
-        if cfg.get("ema_warmup"):  # the decay grows to its set value over the first steps
-            decay = min(decay, (1 + step) / (10 + step))
-        nets.roles.update_ema(decay)
-    return logs
-
-
-class LogInterval:
-    """Each logged value as its mean over the steps of a log interval where it occurred.
-
-    A method alternates roles (DMD2: 5 critic steps, then one with the student), so one step's
-    values would show only whichever role that step trained; the interval's mean shows all.
-    """
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-        self.steps = 0
-
-    def add(self, logs: dict):
-        self.steps += 1
-        for k, v in logs.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-            self.counts[k] = self.counts.get(k, 0) + 1
-
-    def mean(self) -> dict:
-        return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
 
 # -- the run folder: lock, recipe, resume ---------------------------------------------------
@@ -602,19 +451,6 @@ def quick_eval(nets, teacher, recipe, objective) -> dict:
                       nfe=float(sampler.num_steps), progress=False, keep_images=0)
     result.pop("images", None)
     return {k: v for k, v in result.items() if isinstance(v, (int, float, str, dict))}
-
-
-def _all_reduce_mean(params):
-    # One flat buffer: a single collective per role instead of one per tensor.
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= torch.distributed.get_world_size()
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(g).clone()
-        offset += n
 
 
 def _tensorboard(run_dir):

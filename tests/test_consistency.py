@@ -1,0 +1,296 @@
+"""The consistency family (objectives/consistency.py): LCM, TCD, PCM, ECT.
+
+(a) On the 2-D toy (exact Gaussian-mixture teacher) each method's few-step samples move toward
+the teacher's distribution; (b) on tiny diffusers teachers a short run exports, and a fresh
+diffusers pipeline with the export's LoRA and scheduler reproduces the toolkit's own samples;
+(c) a step count the export cannot serve is refused with the ones it can.
+"""
+import json
+import os
+
+import pytest
+import torch
+from conftest import tiny_recipe
+
+from diffusion_distill.objectives import build_objective
+from diffusion_distill.objectives.consistency import SolverGrid, lcm_scalings
+from diffusion_distill.recipe import load_recipe
+from diffusion_distill.student import generate
+from diffusion_distill.train import build_optimizers, setup_run, train, train_step
+from diffusion_distill.world.toy2d import MLPDenoiser, energy_distance, toy_teacher
+
+NO_CFG = {"w_min": 0.0, "w_max": 0.0}  # the toy teacher is unconditional: w = 0, g = 1
+
+
+# -- (a) the toy -----------------------------------------------------------------------------
+
+class EDMMLP(torch.nn.Module):
+    """The toy MLP behind EDM's preconditioning, ``x0 = c_skip x_t + c_out F(c_in x_t, t)``
+    written with alpha, sigma so it is finite at t = 0 and at flow's t = 1 (ECT's network:
+    its error at small noise shrinks with the noise, which its 1/s^2 weighting assumes)."""
+
+    def __init__(self, schedule, sigma_data=1.4):
+        super().__init__()
+        self.schedule, self.sd, self.mlp = schedule, sigma_data, MLPDenoiser()
+
+    def forward(self, x_t, t, cond=None):
+        alpha, sigma = (v[:, None] for v in self.schedule.alpha_sigma(t))
+        norm = sigma ** 2 + (alpha * self.sd) ** 2
+        angles = t[:, None] * self.mlp.freqs[None]
+        out = self.mlp.net(torch.cat([x_t / norm.sqrt(), angles.sin(), angles.cos()], 1))
+        return self.sd ** 2 * alpha / norm * x_t + sigma * self.sd / norm.sqrt() * out
+
+
+def _toy(method, steps=2000, num_steps=1, schedule="flow", sample=(1,), lr=1e-3, pretrain=0,
+         network=MLPDenoiser):
+    """(distances before, after) of the student's samples at each step count in ``sample``.
+
+    Consistency methods train on real data (batches carry x0): this loop feeds the toy's own
+    samples through the library's ``train_step``.
+    """
+    torch.manual_seed(0)
+    teacher = toy_teacher(k=8, var=0.02, schedule=schedule)
+    mixture = teacher.denoiser.backbone.fn
+    recipe = load_recipe({
+        "name": "toy", "teacher": {"path": None, "guidance": 1.0},
+        "student": {"num_steps": num_steps}, "method": method,
+        "data": {"source": "prompts", "prompts": [""]},
+        "train": {"steps": steps, "batch_size": 128, "lr": lr, "ema_decay": None,
+                  "device": "cpu"},
+        "output": {"dir": "/nonexistent"}})
+    torch.manual_seed(0)
+    student = network(teacher.schedule) if network is EDMMLP else network()
+    _, objective, nets = setup_run(recipe, "cpu", teacher, {"student": student})
+    if pretrain:  # "initialised from the teacher": a quick denoising fit to the exact teacher
+        _fit_to_teacher(nets, teacher, pretrain)
+    optimizers = build_optimizers(objective, nets, recipe["train"])
+    data = mixture.sample(1000, torch.Generator().manual_seed(1))
+
+    def batches(rng, n):
+        return {"prompts": [""] * n, "cond": teacher.prompts([""] * n),
+                "x0": mixture.sample(n, generator=rng.gen)}
+
+    def distance(n):
+        x = generate(nets, [""] * 1000, objective.sampler(n), torch.Generator().manual_seed(2),
+                     ema=False)
+        return energy_distance(x, data)
+
+    before = {n: distance(n) for n in sample}
+    for step in range(steps):
+        train_step(objective, nets, optimizers, batches, step, recipe["train"], 128)
+    after = {n: distance(n) for n in sample}
+    print(method["name"], schedule, "before", before, "after", after)
+    return before, after
+
+
+def _fit_to_teacher(nets, teacher, steps):
+    net = nets.roles.networks["student"]
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        x0 = teacher.denoiser.backbone.fn.sample(256, generator=g)
+        t = torch.rand(256, generator=g)
+        alpha, sigma = teacher.schedule.alpha_sigma(t)
+        x_t = alpha[:, None] * x0 + sigma[:, None] * torch.randn(256, 2, generator=g)
+        with torch.no_grad():
+            target = nets.teacher(x_t, t, teacher.prompts([""] * 256))
+        loss = ((net(x_t, t) - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("method,schedule,num_steps,sample", [
+    ({"name": "lcm", "solver_steps": 10, **NO_CFG}, "flow", 1, (1, 4)),
+    ({"name": "lcm", "solver_steps": 10, **NO_CFG}, "vp", 1, (1, 4)),
+    ({"name": "tcd", "solver_steps": 10, **NO_CFG}, "flow", 4, (4,)),
+    ({"name": "pcm", "phases": 2, "solver_steps": 10, **NO_CFG}, "flow", 2, (2, 4)),
+    ({"name": "pcm", "phases": 2, "solver_steps": 10, **NO_CFG}, "vp", 2, (2,)),
+], ids=["lcm-flow", "lcm-vp", "tcd-flow-4", "pcm2-flow", "pcm2-vp"])
+def test_few_step_samples_move_toward_the_teacher(method, schedule, num_steps, sample):
+    before, after = _toy(method, schedule=schedule, num_steps=num_steps, sample=sample)
+    for n in sample:
+        assert before[n] > 0.04, (n, before)
+        assert after[n] < 0.5 * before[n], (n, before, after)
+
+
+@pytest.mark.parametrize("schedule,sample", [("vp", (1, 2)), ("flow", (1,))])
+def test_ect_moves_toward_the_data(schedule, sample):
+    # ECT tunes a diffusion model: the student starts as the teacher (fitted to it), whose own
+    # 1-step sample is the collapsed posterior mean; consistency training from data spreads it.
+    before, after = _toy({"name": "ect", "sigma_data": 1.4}, steps=1500, schedule=schedule,
+                         sample=sample, pretrain=1000, network=EDMMLP)
+    for n in sample:
+        assert before[n] > 0.1, (n, before)
+        assert after[n] < 0.5 * before[n], (n, before, after)
+
+
+# -- the pieces against diffusers ---------------------------------------------------------------
+
+def test_grid_and_boundary_condition_are_diffusers():
+    from diffusers import LCMScheduler
+
+    grid = SolverGrid(50, 1000)
+    assert grid.k == [n * 20 - 1 for n in range(1, 51)]
+    scheduler = LCMScheduler()
+    for n in (1, 2, 4, 8):
+        scheduler.set_timesteps(n)
+        assert grid.inference_timesteps(n) == [int(k) for k in scheduler.timesteps]
+    for k in (0, 19, 259, 999):
+        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(torch.tensor(k))
+        ours = lcm_scalings(k)
+        assert float(ours[0]) == pytest.approx(float(c_skip), rel=1e-6, abs=1e-12)
+        assert float(ours[1]) == pytest.approx(float(c_out), rel=1e-6)
+    assert lcm_scalings(0) == (1.0, 0.0)  # f(x, 0) = x
+
+
+# -- (b) tiny diffusers teachers: export and plain diffusers --------------------------------------
+
+def _run(path, tmp_path, method, steps=2, ema_decay=None):
+    recipe = tiny_recipe(path, tmp_path / "run", method=method, steps=steps, lr=1e-3,
+                         ema_decay=ema_decay, checkpoint_every=steps)
+    recipe["data"] = {"source": "world", "resolution": 16}  # real x0 for the consistency pairs
+    return train(recipe, progress=False, return_nets=True)
+
+
+def _plain_diffusers(export, config, n, prompts, seeds, flow):
+    import diffusers
+
+    from diffusion_distill.samplers import seeded_global_rng
+    from diffusion_distill.teachers import load_pipeline
+
+    # DiffusionPipeline.from_pretrained, passing the tiny SD3's absent T5 as None again
+    pipe = load_pipeline(config["teacher"]["pretrained"])
+    pipe.load_lora_weights(export)
+    pipe.scheduler = getattr(diffusers, config["scheduler"]["class"]).from_config(
+        config["scheduler"]["config"])
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    with seeded_global_rng(gens if flow else None):
+        return pipe(prompts, generator=gens, output_type="latent",
+                    **config["steps"][str(n)]["call"]).images, pipe
+
+
+@pytest.mark.parametrize("family,method,steps,scheduler", [
+    ("sd", {"name": "lcm", "w_min": 1.0, "w_max": 3.0, "loss": "huber"}, (1, 4), "LCMScheduler"),
+    ("sd3", {"name": "lcm", "w_min": 1.0, "w_max": 3.0}, (1, 4),
+     "FlowMatchEulerDiscreteScheduler"),
+    ("sd", {"name": "tcd", "w_min": 1.0, "w_max": 3.0, "gamma": 0.3}, (1, 4), "TCDScheduler"),
+    ("sd", {"name": "pcm", "phases": 2, "w_min": 1.0, "w_max": 3.0}, (2, 4), "TCDScheduler"),
+    ("sd3", {"name": "pcm", "phases": 2, "w_min": 1.0, "w_max": 3.0}, (2, 4),
+     "FlowMatchEulerDiscreteScheduler"),
+    ("sd", {"name": "ect"}, (1, 2), "LCMScheduler"),
+    ("sd3", {"name": "tcd", "w_min": 1.0, "w_max": 3.0, "gamma": 0.0}, (1, 4),
+     "FlowMatchEulerDiscreteScheduler"),
+    ("sd3", {"name": "ect"}, (1, 2), "FlowMatchEulerDiscreteScheduler"),
+    ("sdxl", {"name": "lcm", "w_min": 1.0, "w_max": 3.0}, (1, 4), "LCMScheduler"),
+], ids=["lcm-sd", "lcm-sd3", "tcd-sd", "pcm-sd", "pcm-sd3", "ect-sd", "tcd-sd3", "ect-sd3",
+        "lcm-sdxl"])
+def test_plain_diffusers_reproduces_the_student(family, method, steps, scheduler, tiny_sd_path,
+                                                tiny_sd3_path, tmp_path):
+    from diffusion_distill.export import load_student
+
+    if family == "sdxl":
+        from diffusion_distill.tiny import tiny_sdxl
+
+        path = str(tmp_path / "tiny_sdxl")
+        tiny_sdxl().save_pretrained(path)
+    else:
+        path = tiny_sd_path if family == "sd" else tiny_sd3_path
+    run_dir, nets = _run(path, tmp_path, method)
+    objective = build_objective(method, student_times=[1.0])
+    export = os.path.join(run_dir, "export")
+    with open(os.path.join(export, "distill_config.json")) as f:
+        config = json.load(f)
+    assert config["scheduler"]["class"] == scheduler
+    prompts, seeds = ["a red circle", "two green triangles"], (11, 12)
+    flow = family == "sd3"
+    student = load_student(export)
+    for n in steps:
+        sampler = objective.sampler(n)
+        ours = generate(nets, prompts, sampler, [torch.Generator().manual_seed(s) for s in seeds])
+        theirs, pipe = _plain_diffusers(export, config, n, prompts, seeds, flow)
+        torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+        loaded = student(prompts, num_inference_steps=n, output_type="latent",
+                         generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+        torch.testing.assert_close(loaded, ours, rtol=1e-4, atol=1e-4)
+        # the LoRA is really there: the teacher through the same sampler differs
+        base = generate(nets, prompts, sampler, [torch.Generator().manual_seed(s) for s in seeds],
+                        role="teacher")
+        assert not torch.allclose(base, ours, atol=1e-4)
+    if method["name"] == "lcm" and family in ("sd", "sdxl"):
+        # the usual LCM-LoRA lines: LCMScheduler from the teacher's own scheduler config
+        from diffusers import LCMScheduler
+
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        stock = pipe(prompts, num_inference_steps=4, guidance_scale=1.0, output_type="latent",
+                     generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+        ours = generate(nets, prompts, objective.sampler(4),
+                        [torch.Generator().manual_seed(s) for s in seeds])
+        torch.testing.assert_close(stock, ours, rtol=1e-4, atol=1e-4)
+    if method["name"] == "tcd" and family == "sd":
+        assert config["steps"]["4"]["call"]["eta"] == 0.3
+        assert sorted(int(n) for n in config["steps"]) == list(range(1, 9))
+
+
+def test_lcm_with_an_ema_target_trains(tiny_sd_path, tmp_path):
+    import math
+
+    method = {"name": "lcm", "target": "ema", "w_min": 1.0, "w_max": 3.0}
+    run_dir, _ = _run(tiny_sd_path, tmp_path, method, steps=2, ema_decay=0.95)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert all(math.isfinite(row["consistency"]) for row in rows)
+    with pytest.raises(ValueError, match="ema_decay"):
+        _run(tiny_sd_path, tmp_path / "b", method, steps=1, ema_decay=None)
+
+
+# -- (c) refusals -------------------------------------------------------------------------------
+
+def test_step_counts_the_export_cannot_serve_are_refused(tiny_sd_path, tmp_path):
+    from diffusion_distill.export import load_student
+
+    lcm = build_objective({"name": "lcm"}, student_times=[1.0])
+    assert lcm.servable_steps() == [1, 2, 4, 8]
+    with pytest.raises(ValueError, match=r"\[1, 2, 4, 8\]"):
+        lcm.sampler(3)
+    pcm = build_objective({"name": "pcm", "phases": 2}, student_times=[1.0])
+    assert pcm.servable_steps() == [2, 4, 6, 8]
+    with pytest.raises(ValueError, match=r"\[2, 4, 6, 8\]"):
+        pcm.sampler(3)
+    run_dir, _ = _run(tiny_sd_path, tmp_path, {"name": "pcm", "phases": 2, "w_min": 1.0,
+                                                "w_max": 2.0}, steps=1)
+    student = load_student(os.path.join(run_dir, "export"))
+    assert student.servable_steps == [2, 4, 6, 8]
+    with pytest.raises(ValueError, match=r"\[2, 4, 6, 8\]"):
+        student(["a red circle"], num_inference_steps=3, output_type="latent")
+
+
+def test_tcd_on_a_flow_teacher_exports_only_gamma_0_or_1(tiny_sd3_path):
+    from diffusion_distill.build import build_teacher
+
+    teacher = build_teacher(load_recipe({"teacher": {"path": tiny_sd3_path}}))
+    tcd = build_objective({"name": "tcd", "gamma": 0.3}, student_times=[1.0])
+    with pytest.raises(ValueError, match="gamma"):
+        tcd.sampler(2).render(teacher)
+    for gamma, stochastic in ((0.0, False), (1.0, True)):
+        rendered = build_objective({"name": "tcd", "gamma": gamma},
+                                   student_times=[1.0]).sampler(2).render(teacher)
+        assert rendered["scheduler"]["config"]["stochastic_sampling"] is stochastic
+
+
+def test_recipes_load():
+    from diffusion_distill.recipe import find_recipe
+
+    root = os.path.join(os.path.dirname(__file__), "..", "recipes")
+    names = [f"{m}_{f}" for m in ("lcm", "tcd", "pcm", "ect") for f in ("sd", "sd3")]
+    names += ["hub/lcm_sd15", "hub/lcm_sdxl", "hub/lcm_sd3"]
+    for name in names:
+        recipe = load_recipe(find_recipe(os.path.join(root, name + ".yaml")))
+        if name.startswith("hub/"):  # hub teachers cannot be downloaded here
+            objective = build_objective(recipe["method"], total_steps=recipe["train"]["steps"],
+                                        student_times=[1.0] * recipe["student"]["num_steps"])
+        else:
+            _, objective, nets = setup_run(recipe)
+            assert nets.params("student")
+            assert objective.needs_data and recipe["data"]["source"] == "world"
+        assert objective.sampler().num_steps == recipe["student"]["num_steps"]
