@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..denoiser import ddim_step
 from ..parameterization import add_noise, from_x0
 
 
@@ -26,6 +27,24 @@ def bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def uniform_t(ctx, n: int, lo: float, hi) -> torch.Tensor:
     """``n`` times uniform in [lo, hi] (``hi`` may be per sample), from the step's RNG."""
     return lo + (hi - lo) * ctx.rng.rand(n)
+
+
+def student_output_at_step(nets, cond, times, ctx, grad: bool, pick_step):
+    """``(x0, k)``: the student's x0 at its step ``k = pick_step()`` (backward simulation,
+    DMD2 sec. 4.5). Steps before ``k`` run from fresh noise without gradients, each x0
+    re-noised with fresh noise to the next time, exactly as the exported multi-step sampler
+    does. (``pick_step`` is called after the initial noise is drawn: the RNG order.)"""
+    shape = nets.teacher_model.latent_shape
+    n = len(cond)
+    x = ctx.rng.randn(n, *shape)
+    k = pick_step()
+    with torch.no_grad():
+        for i in range(k):
+            x0 = nets.student(x, times[i], cond)
+            x = ddim_step(nets.schedule, x0, x, times[i], times[i + 1],
+                          noise=ctx.rng.randn(n, *shape))
+    with torch.set_grad_enabled(grad):
+        return nets.student(x, times[k], cond), k
 
 
 def renoise(schedule, x0: torch.Tensor, t: torch.Tensor, ctx) -> torch.Tensor:

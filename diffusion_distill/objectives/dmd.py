@@ -43,6 +43,7 @@ from .common import (
     mean_per_sample,
     native_mse,
     renoise,
+    student_output_at_step,
     surrogate_loss,
     uniform_t,
 )
@@ -107,18 +108,10 @@ class DMD2(Objective):
         multi-step sampler the export uses).
         """
         times = self.student_times
-        shape = nets.teacher_model.latent_shape
-        n = len(cond)
-        x = ctx.rng.randn(n, *shape)
-        k = ctx.rng.choice(len(times)) if self.backward_simulation else 0
-        with torch.no_grad():
-            for i in range(k):
-                x0 = nets.student(x, times[i], cond)
-                x = ddim_step(nets.schedule, x0, x, times[i], times[i + 1],
-                              noise=ctx.rng.randn(n, *shape))
-        with torch.set_grad_enabled(grad):
-            x0 = nets.student(x, times[k], cond)
-        return x0, torch.full((n,), times[k], device=x0.device)
+        x0, k = student_output_at_step(
+            nets, cond, times, ctx, grad,
+            lambda: ctx.rng.choice(len(times)) if self.backward_simulation else 0)
+        return x0, torch.full((len(cond),), times[k], device=x0.device)
 
     def noise(self, nets, x0, t, ctx):
         return renoise(nets.schedule, x0, t, ctx)
