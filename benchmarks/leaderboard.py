@@ -1,4 +1,5 @@
-"""Every DMD-family method in the toolkit against its teacher, on the embedded world.
+"""Every method in the toolkit (DMD, consistency and SiD families) against its teacher, on
+the embedded world.
 
 For each embedded teacher: train each method's recipe (a finished run is reused, an
 interrupted one resumes), then score the teacher at 50/4/2/1 steps and every student with
@@ -30,6 +31,12 @@ METHODS = {
     "dmd2_gan": "dmd2_gan_{t}",
     "decoupled_dmd": "decoupled_dmd_{t}",
     "phased_dmd": "phased_dmd_{t}",
+    "lcm": "lcm_{t}",
+    "tcd": "tcd_{t}",
+    "pcm": "pcm_{t}",
+    "ect": "ect_{t}",
+    "sid": "sid_{t}",
+    "sida": "sida_{t}",
 }
 TEACHER_GUIDANCE = 5.0
 

@@ -85,7 +85,9 @@ def _teacher_row(path, protocol, steps, guidance, progress):
 
     loaded = load_model(path)
     pipe = loaded.pipe
-    backbone = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    from .teachers import pipeline_backbone
+
+    backbone = pipeline_backbone(pipe)
     key = json.dumps({"teacher": base_fingerprint(backbone), "steps": steps,
                       "guidance": guidance, **protocol.describe()}, sort_keys=True)
     file = os.path.join(cache_dir(), f"teacher_{hashlib.sha256(key.encode()).hexdigest()[:16]}")

@@ -21,10 +21,19 @@ import hashlib
 import json
 import os
 
+from .assets import resolve_teacher_path
+
 CONFIG_NAME = "distill_config.json"
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # What an export folder may replace: an earlier LoRA export, or a full fine-tune's pipeline.
 EXPORT_MARKERS = (CONFIG_NAME, "model_index.json")
+
+
+def backbone_name(pipe) -> str:
+    # imported when used: this module stays light to import (the CLI lists it)
+    from .teachers import backbone_name as name
+
+    return name(pipe)
 
 
 def base_fingerprint(backbone) -> str:
@@ -43,10 +52,6 @@ def base_fingerprint(backbone) -> str:
     return h.hexdigest()[:16]
 
 
-def _component(pipe) -> str:
-    return "unet" if hasattr(pipe, "unet") and pipe.unet is not None else "transformer"
-
-
 def _kohya(state: dict) -> dict | None:
     try:
         from diffusers.utils import convert_state_dict_to_kohya
@@ -59,12 +64,8 @@ def teacher_reference(recipe: dict, teacher) -> dict:
     """How the export names its teacher: as the recipe gave it, and as a path or hub id that
     diffusers' ``from_pretrained`` accepts (an embedded teacher's folder, resolved here)."""
     given = recipe["teacher"]["path"]
-    pretrained = given
-    if given and given.startswith("embedded:"):
-        from .world import embedded_teacher_path
-
-        pretrained = embedded_teacher_path(given.split(":", 1)[1])
-    elif given and os.path.isdir(given):
+    pretrained = resolve_teacher_path(given) if given else given
+    if given and os.path.isdir(pretrained) and pretrained == given:
         pretrained = os.path.abspath(given)
     return {"path": given, "pretrained": pretrained, "family": teacher.family,
             "pipeline_class": type(teacher.pipe).__name__,
@@ -101,7 +102,7 @@ def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = No
     if wanted not in ("ema", "student") and wanted not in nets.roles._params:
         raise ValueError(f"export role {wanted!r} does not exist in this run; roles: "
                          f"{['ema', *nets.roles.trainable]}")
-    component = _component(teacher.pipe)
+    component = backbone_name(teacher.pipe)
     pipe_cls = type(teacher.pipe)
 
     def source(trained_role):  # the adapter whose weights serve a trained role
@@ -208,7 +209,7 @@ def _export_full(nets, teacher, recipe, out_dir):
     role = "ema" if "ema" in nets.roles.networks else "student"
     backbone = nets.roles.networks[role]
     pipe = teacher.pipe
-    component = _component(pipe)
+    component = backbone_name(pipe)
     original = getattr(pipe, component)
     try:
         setattr(pipe, component, backbone)
@@ -284,19 +285,14 @@ def load_student(folder: str, teacher: str | None = None, torch_dtype=None) -> S
                                 "Create one with `ddistill export RUN --out DIR`.")
     with open(cfg_path) as f:
         config = json.load(f)
-    path = teacher or config["teacher"].get("pretrained") or config["teacher"]["path"]
-    if path.startswith("embedded:"):
-        from .world import embedded_teacher_path
-
-        path = embedded_teacher_path(path.split(":", 1)[1])
-    elif (teacher is None and not os.path.isdir(path)
-          and str(config["teacher"]["path"]).startswith("embedded:")):
+    path = resolve_teacher_path(
+        teacher or config["teacher"].get("pretrained") or config["teacher"]["path"])
+    if (teacher is None and not os.path.isdir(path)
+            and str(config["teacher"]["path"]).startswith("embedded:")):
         # the export was written on another machine: its embedded teacher is ours too
-        from .world import embedded_teacher_path
-
-        path = embedded_teacher_path(config["teacher"]["path"].split(":", 1)[1])
+        path = resolve_teacher_path(config["teacher"]["path"])
     pipe = load_pipeline(path, torch_dtype=torch_dtype)
-    component = getattr(pipe, _component(pipe))
+    component = getattr(pipe, backbone_name(pipe))
     found = base_fingerprint(component)
     expected = config["teacher"]["base_fingerprint"]
     if found != expected or type(pipe).__name__ != config["teacher"]["pipeline_class"]:

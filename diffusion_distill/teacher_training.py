@@ -74,7 +74,9 @@ def scale_latents(vae, latents):
 def save_pipeline(pipe, backbone_state, out):
     """Write the pipeline with the given denoiser weights (safetensors); ``out`` may only be
     new, empty, or an earlier saved pipeline (anything else is refused, never deleted)."""
-    net = pipe.unet if hasattr(pipe, "unet") and pipe.unet is not None else pipe.transformer
+    from .teachers import pipeline_backbone
+
+    net = pipeline_backbone(pipe)
     net.load_state_dict(backbone_state)
     from .checkpoint import atomic_dir
 
@@ -86,7 +88,9 @@ def save_pipeline(pipe, backbone_state, out):
 def _load_denoiser(pipe, folder: str):
     from safetensors.torch import load_file
 
-    sub = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    from .teachers import backbone_name
+
+    sub = backbone_name(pipe)
     file = os.path.join(folder, sub, "diffusion_pytorch_model.safetensors")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"--init {folder!r}: no {sub} weights at {file}; expected a "

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..imaging import from_uint8, to_uint8
 from .features import DEFAULT_SIZE, get_feature_extractor
 from .metrics import frechet_distance, kernel_inception_distance, precision_recall
 
@@ -180,7 +181,7 @@ def evaluate(
                           f"prompts: {bp}")
             else:
                 # uint8 keeps every sample for the alignment classifier at 1/4 the memory.
-                images_u8.append(((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+                images_u8.append(to_uint8(images))
                 ok_index.extend(range(start, start + len(bp)))
             bar.update(len(bp))
     finally:
@@ -213,7 +214,7 @@ def evaluate(
     elif n_ok:
         result["metrics_skipped"] = f"only {n_ok} samples succeeded; need at least {max(k + 1, 4)}"
 
-    images = (torch.cat(images_u8).float() / 127.5 - 1) if images_u8 else None
+    images = from_uint8(torch.cat(images_u8)) if images_u8 else None
     if alignment_fn is not None and labels is not None and images is not None:
         try:
             result["alignment"] = _plain(alignment_fn(images, [labels[i] for i in ok_index]))

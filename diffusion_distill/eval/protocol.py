@@ -42,15 +42,9 @@ class LoadedModel:
 
 
 def resolve_path(path: str) -> str:
-    if path.startswith("embedded:"):
-        try:
-            from ..world import embedded_teacher_path
-        except ImportError as e:
-            raise FileNotFoundError(
-                f"{path!r}: the embedded teachers are not available in this install ({e}). "
-                "Give a pipeline folder or a student export folder instead.") from e
-        return embedded_teacher_path(path.split(":", 1)[1])
-    return path
+    from ..assets import resolve_teacher_path
+
+    return resolve_teacher_path(path)
 
 
 def load_model(path: str, teacher: str | None = None) -> LoadedModel:
@@ -92,11 +86,13 @@ def load_model(path: str, teacher: str | None = None) -> LoadedModel:
 
 
 def backbone_of(pipe):
-    for name in ("unet", "transformer"):
-        module = getattr(pipe, name, None)
-        if module is not None:
-            return module
-    return None
+    """The pipeline's denoising network (for counting NFE), or None."""
+    from ..teachers import pipeline_backbone
+
+    try:
+        return pipeline_backbone(pipe)
+    except ValueError:
+        return None
 
 
 def make_sample_fn(call, steps: int | None, guidance: float | None):

@@ -444,8 +444,9 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
         if u8.dim() != 4 or u8.shape[1] not in (1, 3):
             raise ValueError(f"images must be (N, 3, H, W), got {tuple(u8.shape)}")
     else:
-        u8 = ((_check_images(images, len(images)).clamp(-1, 1) + 1) * 127.5).round()
-        u8 = u8.to(torch.uint8)
+        from ..imaging import to_uint8
+
+        u8 = to_uint8(_check_images(images, len(images)))
     return u8.expand(-1, 3, -1, -1) if u8.shape[1] == 1 else u8
 
 
