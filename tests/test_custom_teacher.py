@@ -117,3 +117,22 @@ def test_missing_roles_are_named(tmp_path):
     recipe["student"]["num_steps"] = 2
     with pytest.raises(ValueError, match="student_0.*student_1"):
         setup_run(recipe, "cpu", teacher, {"student": ConditionalMLP(), "critic": ConditionalMLP()})
+
+
+def test_gan_head_reads_a_user_named_module_of_a_user_network(tmp_path):
+    from diffusion_distill.objectives.common import GANHead
+
+    teacher = _teacher()
+    recipe = _recipe(tmp_path, {"name": "dmd2", "critic_steps": 2}, 2)
+    _, _, nets = setup_run(recipe, "cpu", teacher,
+                           {"student": ConditionalMLP(), "critic": ConditionalMLP()})
+    with pytest.raises(ValueError, match="set method.gan_feature_module"):
+        GANHead.attach(nets)  # a custom network has no family default
+    with pytest.raises(ValueError, match="'body' is not a module.*net"):
+        GANHead.attach(nets, "body")
+    head = GANHead.attach(nets, "net.2")  # the user's hidden layer
+    x = torch.randn(8, 2)
+    logits = head.logits(nets, x, torch.full((8,), 0.5), teacher.prompts(["1"] * 8))
+    assert logits.shape == (8,) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    assert any(p.grad is not None for p in head.parameters())
