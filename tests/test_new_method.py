@@ -56,10 +56,9 @@ class TwoStepRegression(Objective):
 def test_a_method_defined_here_trains_exports_reloads_and_evaluates(tiny_sd_path, tmp_path):
     import diffusers
 
-    from diffusion_distill import load_student
+    from diffusion_distill import load_student, train  # the public API, as users import it
     from diffusion_distill.eval.protocol import Protocol, evaluate_loaded, load_model
     from diffusion_distill.student import generate
-    from diffusion_distill.train import train  # TODO(issue 10): the package-level name
 
     recipe = tiny_recipe(tiny_sd_path, tmp_path / "run",
                          method={"name": f"{__name__}:TwoStepRegression"}, steps=30, lr=3e-3,
