@@ -17,14 +17,6 @@ from diffusion_distill.teachers import load_teacher
 from diffusion_distill.teachers.flux import unpack
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _sd15():
     pipe = tiny.tiny_sd("epsilon")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading",
