@@ -82,26 +82,37 @@ def main(argv=None):
                 "model", "steps", "guidance", "nfe", "fd", "kid", "precision", "recall",
                 "alignment", "seconds_per_image", "feature_space", "nfe_ratio")},
                          "latency": r.get("latency") or {}})
-    # Teachers run separately accumulate into one table: rows of teachers not run this time
-    # are kept from the earlier file, each teacher with the command and date that made it.
-    path = os.path.join(args.out, "leaderboard.json")
-    info = {"rows": [], "runs": {}}
-    if os.path.isfile(path):
-        with open(path) as f:
-            info = json.load(f)
-        info.setdefault("runs", {})
-        info["rows"] = [r for r in info.get("rows", []) if r["teacher"] not in args.teachers]
+    # Runs accumulate into one table: a row is replaced only by a row of the same teacher,
+    # model and step count, so rerunning one method keeps every other row. Each row carries
+    # the command, machine and date that made it.
     run = {"date": datetime.date.today().isoformat(),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch "
                       f"{torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}",
            "command": "python benchmarks/leaderboard.py " + " ".join(
                sys.argv[1:] if argv is None else argv)}
-    info["runs"].update({t: run for t in args.teachers})
-    info["rows"] += rows
+    path = os.path.join(args.out, "leaderboard.json")
+    info = {"rows": []}
+    if os.path.isfile(path):
+        with open(path) as f:
+            info = json.load(f)
+        for r in info["rows"]:  # files written before rows carried their run
+            r.setdefault("run", info.get("runs", {}).get(r["teacher"]))
+    info.pop("runs", None)
+    fresh = {_row_key(r) for r in rows}
+    info["rows"] = [r for r in info["rows"] if _row_key(r) not in fresh]
+    info["rows"] += [{**r, "run": run} for r in rows]
+    info["rows"].sort(key=lambda r: (r["teacher"], _MODEL_ORDER.get(r["model"], 1)))
     write_json(path, info)  # atomic: an interrupted write keeps the other teacher's rows
     with open(os.path.join(args.out, "leaderboard.md"), "w") as f:
         f.write(markdown(info))
     print(markdown(info))
+
+
+_MODEL_ORDER = {"real-data": -1, "teacher": 0}  # then the students, in the order they were run
+
+
+def _row_key(r):
+    return (r["teacher"], r["model"], r["steps"])
 
 
 def markdown(info) -> str:
@@ -129,8 +140,14 @@ def markdown(info) -> str:
         f"{latency(r, '1', 'seconds_per_image', '.4f')} | "
         f"{latency(r, '16', 'seconds_per_image', '.4f')} | "
         f"{speedup(r)} |\n" for r in info["rows"])
-    made = "".join(f"- {t}: `{r['command']}` ({r['machine']}, {r['date']})\n"
-                   for t, r in info.get("runs", {}).items())
+    runs = []  # each distinct run once, with the rows it made
+    for r in info["rows"]:
+        if r.get("run") and r["run"] not in [u for u, _ in runs]:
+            runs.append((r["run"], []))
+        if r.get("run"):
+            next(m for u, m in runs if u == r["run"]).append(f"{r['teacher']} {r['model']}")
+    made = "".join(f"- `{u['command']}` ({u['machine']}, {u['date']}): "
+                   f"{', '.join(dict.fromkeys(m))}\n" for u, m in runs)
     return (head + body + "\n" + made + "\nFeature space: EfficientNet-Lite0 ImageNet @128 px "
             "(not Inception). Latency: the plain diffusers call (text encoding, sampling, "
             "decoding), median of 3 after a warm-up, at batch sizes 1 and 16; speedup over the "
