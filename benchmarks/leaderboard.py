@@ -24,7 +24,7 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# method -> recipe stem (the student's step count is in each recipe)
+# method -> recipe stem (the student's default step count is in each recipe)
 METHODS = {
     "dmd2": "dmd2_{t}",
     "dmd2_4step": "dmd2_{t}_4step",
@@ -38,6 +38,8 @@ METHODS = {
     "sid": "sid_{t}",
     "sida": "sida_{t}",
 }
+# One export serves several step counts: each is a row. PCM's 2 phases serve multiples of 2.
+STEPS = {"lcm": [1, 2, 4, 8], "tcd": [1, 2, 4, 8], "pcm": [2, 4, 8]}
 TEACHER_GUIDANCE = 5.0
 
 
@@ -70,7 +72,8 @@ def main(argv=None):
             recipe = load_recipe(recipe_path, [f"train.eval_every={args.eval_every}"]
                                  + args.overrides + [f"output.dir={run_dir}"])
             train(recipe)
-            exports.append({"name": method, "path": os.path.join(run_dir, "export")})
+            exports.append({"name": method, "path": os.path.join(run_dir, "export"),
+                            **({"steps": STEPS[method]} if method in STEPS else {})})
         spec = {"name": f"leaderboard_{t}", "teacher": f"embedded:{t}",
                 "teacher_steps": [50, 4, 2, 1], "teacher_guidance": TEACHER_GUIDANCE,
                 "exports": exports, "prompts": "single", "num_samples": args.num,
