@@ -45,6 +45,7 @@ TEACHER_GUIDANCE = 5.0
 
 def main(argv=None):
     from diffusion_distill.bench import run_bench
+    from diffusion_distill.checkpoint import atomic_file
     from diffusion_distill.eval.protocol import write_json
     from diffusion_distill.recipe import load_recipe
     from diffusion_distill.train import train
@@ -106,7 +107,7 @@ def main(argv=None):
     info["rows"] += [{**r, "run": run} for r in rows]
     info["rows"].sort(key=lambda r: (r["teacher"], _MODEL_ORDER.get(r["model"], 1)))
     write_json(path, info)  # atomic: an interrupted write keeps the other teacher's rows
-    with open(os.path.join(args.out, "leaderboard.md"), "w") as f:
+    with atomic_file(os.path.join(args.out, "leaderboard.md")) as f:
         f.write(markdown(info))
     print(markdown(info))
 

@@ -382,7 +382,9 @@ def worker(args):
         cpu = [e["cpu_seconds"] for e in mon.events
                if e["event"].startswith("step ") and "warm-up" not in e["event"]]
         result["median_step_cpu_seconds"] = round(statistics.median(cpu), 2)
-    with open(args.out, "w") as f:
+    from diffusion_distill.checkpoint import atomic_file
+
+    with atomic_file(args.out) as f:
         json.dump(result, f, indent=1)
 
 
@@ -535,8 +537,9 @@ def parent(args):
                       "context or the allocator's cache)"
     path = args.json or os.path.join(
         HERE, "results", f"memory_{args.device.split(':')[0]}{'_small' if args.small else ''}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
+    from diffusion_distill.checkpoint import atomic_file
+
+    with atomic_file(path) as f:
         json.dump(out, f, indent=1)
         f.write("\n")
     print_table(out)

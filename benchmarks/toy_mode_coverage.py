@@ -27,6 +27,7 @@ if ROOT not in sys.path:
 
 import torch
 
+from diffusion_distill.checkpoint import atomic_file
 from diffusion_distill.objectives import common
 from diffusion_distill.objectives.dmd import DMD2
 
@@ -109,11 +110,8 @@ def main(argv=None):
            "command": "python benchmarks/toy_mode_coverage.py " + " ".join(argv or sys.argv[1:]),
            "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "rows": rows}
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_file(args.json) as f:
         json.dump(out, f, indent=1)
-    os.replace(tmp, args.json)
     print(f"wrote {os.path.relpath(args.json)}")
 
 

@@ -11,6 +11,7 @@ a broken ``state.json`` or optimizer file) is skipped for the one before it, wit
 :func:`atomic_dir` writes any output folder (exports, saved pipelines, checkpoints) the same
 way, and replaces an existing folder only when it is one of the same kind (recognised by a
 marker file such as ``distill_config.json``); anything else is refused, never deleted.
+:func:`atomic_path` / :func:`atomic_file` do the same for one file (results, caches, images).
 """
 from __future__ import annotations
 
@@ -133,6 +134,32 @@ def atomic_dir(final: str, markers=(), what: str = "output folder"):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_path(final: str):
+    """Yield a temporary path beside ``final``; when the block succeeds it is renamed onto
+    ``final``, so a reader never sees half a file and a crash leaves the old one.
+
+    The name ends in ``.<pid>.tmp``: no image or weight reader picks it up, and two processes
+    never share one. On failure the temporary file is removed.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
+    tmp = f"{final}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(final: str, mode: str = "w", **open_kwargs):
+    """``open(final, mode)`` written through :func:`atomic_path`."""
+    with atomic_path(final) as tmp, open(tmp, mode, **open_kwargs) as f:
+        yield f
 
 
 # -- optimizer state without pickle ---------------------------------------------------------

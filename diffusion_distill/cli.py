@@ -20,7 +20,7 @@ SUBCOMMANDS = [
     ("diffusion_distill.sample", "add_parser"),
     ("diffusion_distill.eval.cli", "add_parser"),
     ("diffusion_distill.bench", "add_parser"),
-    ("diffusion_distill.eval.standard", "add_parser"),
+    ("diffusion_distill.eval.inception", "add_parser"),
     ("diffusion_distill.demo", "add_parser"),
 ]
 

@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from .checkpoint import atomic_file
+
 DEFAULT_RECIPE = "recipes/dmd2_sd3.yaml"  # the embedded teacher that meets the quality bar
 
 
@@ -62,7 +64,7 @@ def run_demo(recipe: str = DEFAULT_RECIPE, overrides=(), num: int = 250, out: st
                "grid": grid, "prompts": protocol.prompts[:8], "teacher": teacher,
                "student": student, **ratios,
                "seconds": {"train": trained - started, "total": time.time() - started}}
-    with open(os.path.join(out, "demo.json"), "w") as f:
+    with atomic_file(os.path.join(out, "demo.json")) as f:
         json.dump(summary, f, indent=2, default=str)
     print(table)
     print(f"student / teacher: Fréchet distance x{ratios['fd_ratio']:.2f}, alignment "
@@ -99,7 +101,7 @@ def _teacher_row(path, protocol, steps, guidance, progress):
                                   progress=progress, name="teacher")
     os.makedirs(os.path.dirname(file), exist_ok=True)
     torch.save(images[:8].clone(), file + ".pt")
-    with open(file + ".json", "w") as f:
+    with atomic_file(file + ".json") as f:
         json.dump(row, f, default=str)
     return row, images
 

@@ -55,13 +55,13 @@ def world_latents(vae, n: int, seed: int, chunk: int = 128, kinds=None, cache: s
         captions += caps
     latents = torch.cat(latents)
     if cache:
-        os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
+        from .checkpoint import atomic_file, atomic_path
+
         # captions first: a cache counts only once both files are in place
-        with open(cache + ".json.tmp", "w") as f:
+        with atomic_file(cache + ".json") as f:
             json.dump(captions, f)
-        os.replace(cache + ".json.tmp", cache + ".json")
-        save_file({"latents": latents.contiguous()}, cache + ".tmp")
-        os.replace(cache + ".tmp", cache)
+        with atomic_path(cache) as tmp:
+            save_file({"latents": latents.contiguous()}, tmp)
     return latents, captions
 
 

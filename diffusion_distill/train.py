@@ -209,7 +209,7 @@ def prepare_run_dir(recipe: dict, new_run: bool = False, log=print):
     previous ``checkpoints/`` and ``recipe.yaml`` aside (renamed, never deleted). A changed
     ``recipe.yaml`` is kept as ``recipe.previous-<time>.yaml`` before the new one is written.
     """
-    from .checkpoint import list_checkpoints
+    from .checkpoint import atomic_file, list_checkpoints
     from .recipe import load_recipe
 
     run_dir = recipe["output"]["dir"]
@@ -258,10 +258,8 @@ def prepare_run_dir(recipe: dict, new_run: bool = False, log=print):
             f.write(old_text)
         log(f"the recipe changed; the previous one is kept as {kept}")
     if old_text != text:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_file(path) as f:
             f.write(text)
-        os.replace(tmp, path)
 
 
 def check_device(cfg: dict):

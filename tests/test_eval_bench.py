@@ -32,7 +32,15 @@ def test_bench_runs_cells_writes_tables_and_resumes(tiny_sd_path, tmp_path, caps
     assert cells["teacher-steps1-cfgdefault"]["nfe"] == 2  # 1 step x 2 (CFG)
     assert cells["teacher-steps1-cfgdefault"]["complete"]
     assert "does not exist" in cells["missing-stepsown-cfgdefault"]["error"]
+    # FD to the teacher's default (first) cell, from the features each cell keeps: the
+    # random pipeline at 1 step lands far nearer its own 2-step samples than real renders do.
+    one_step = cells["teacher-steps1-cfgdefault"]
+    assert one_step["fd_teacher_reference"] == "teacher-steps2-cfgdefault"
+    assert 0 < one_step["fd_teacher"] < real["fd_teacher"]
+    assert "fd_teacher" not in cells["teacher-steps2-cfgdefault"]
+    assert (out / "features" / "teacher-steps1-cfgdefault.safetensors").is_file()
     md = (out / "results.md").read_text()
+    assert "FD to teacher" in md and "cell `teacher-steps2-cfgdefault`" in md
     assert "NOT Inception" in md and md.count("| teacher |") == 4 and "incomplete" in md  # 2 cells x 2 tables
     assert (out / "grids" / "teacher-steps1-cfgdefault.png").is_file()
     assert (out / "overview.png").is_file()

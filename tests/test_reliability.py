@@ -392,5 +392,5 @@ def test_sample_folder_of_numbered_user_images_is_not_emptied(tmp_path):
     folder.mkdir()
     (folder / "000001.png").write_bytes(b"a user's image")
     with pytest.raises(ValueError, match="holds other images.*nothing was removed"):
-        st._prepare_sample_dir(str(folder))
+        st.prepare_sample_dir(str(folder))
     assert (folder / "000001.png").read_bytes() == b"a user's image"

@@ -225,11 +225,11 @@ def test_sample_folder_round_trips_and_rewrites_safely(tmp_path):
         st.write_samples(images[:2], ["x"], [1, 2], str(folder))
     # An evaluation clears its own earlier samples but refuses to mix with foreign images.
     (folder / "000000.png.123.tmp").write_bytes(b"half a png")
-    st._prepare_sample_dir(str(folder))
+    st.prepare_sample_dir(str(folder))
     assert os.listdir(folder) == []
     Image.fromarray(u8[0].permute(1, 2, 0).numpy()).save(folder / "photo.jpg")
     with pytest.raises(ValueError, match="holds other images.*photo.jpg"):
-        st._prepare_sample_dir(str(folder))
+        st.prepare_sample_dir(str(folder))
 
 
 # -- Inception features and FID ------------------------------------------------------------
@@ -284,7 +284,7 @@ def test_precomputed_stats_in_torchmetrics_equal_its_own_features(inception_path
     reference.update(real, real=True)
     reference.update(fake, real=False)
     expected = float(reference.compute())
-    mu, sigma = st._moments(ext(real))
+    mu, sigma = st.moments(ext(real))
     for count in (20, None):
         metric = FrechetInceptionDistance(feature=ext)
         st.set_reference_stats(metric, mu, sigma, count)
@@ -495,3 +495,41 @@ def test_every_shipped_spec_loads():
     for name in names:
         spec = load_spec(os.path.join(root, name))
         assert spec["name"] == name[:-5]
+
+
+def test_a_failing_batch_is_recorded_and_skipped_as_in_every_evaluation(
+        tmp_path, prompt_file, inception_path):
+    """The standard protocol shares the world protocol's sampling loop and failure policy:
+    the bad batch is listed, the others are scored, and the result says it is incomplete."""
+    ref_dir = tmp_path / "reference"
+    prompts, seeds = st.load_prompts(prompt_file, 20), list(range(20))
+    st.write_samples(sample_fn_for()(prompts, seeds), prompts, seeds, str(ref_dir))
+    cfg = config(prompt_file, num_samples=20, inception=inception_path, reference=str(ref_dir),
+                 metrics=["fid"])
+    good = sample_fn_for(0.2)
+
+    def flaky(batch_prompts, batch_seeds):
+        if 5 in batch_seeds:
+            raise RuntimeError("out of memory (simulated)")
+        return good(batch_prompts, batch_seeds)
+
+    out = st.evaluate_standard(flaky, cfg, str(tmp_path / "s"), progress=False, batch_size=5)
+    assert not out["complete"] and out["num_samples"] == 15 and out["num_requested"] == 20
+    (failure,) = out["failures"]
+    assert failure["seeds"] == [5, 6, 7, 8, 9] and "simulated" in failure["error"]
+    written = [os.path.basename(p) for p in st.image_files(str(tmp_path / "s"))]
+    assert written == [f"{i:06d}.png" for i in (*range(5), *range(10, 20))]
+    # The FID is that of the 15 samples that were made: the same 15 images evaluated alone.
+    kept = [i for i in range(20) if not 5 <= i < 10]
+    subset = tmp_path / "kept.txt"
+    subset.write_text("".join(prompts[i] + "\n" for i in kept))
+
+    def the_kept_images(batch_prompts, batch_seeds):  # seed j of 15 -> the run's seed kept[j]
+        return good(batch_prompts, [kept[j] for j in batch_seeds])
+
+    alone = st.evaluate_standard(
+        the_kept_images, config(str(subset), inception=inception_path, reference=str(ref_dir),
+                                metrics=["fid"]),
+        str(tmp_path / "alone"), progress=False, batch_size=5)
+    assert alone["complete"] and alone["num_samples"] == 15
+    assert out["fid"] > 0 and out["fid"] == pytest.approx(alone["fid"], rel=1e-6)

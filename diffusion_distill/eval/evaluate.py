@@ -3,9 +3,10 @@
 Teacher and students are scored on the same prompts, the same seeds, the same reference set
 and the same feature space, so their numbers can be compared cell by cell. Sampling and
 feature extraction run batch by batch (features are taken as soon as a batch is sampled, so
-no large float image buffer builds up). A batch that fails is recorded with its prompts and
-seeds and the evaluation goes on; the result then says ``complete: false`` and lists the
-failures, so a partial evaluation is never mistaken for a whole one.
+no large float image buffer builds up), in the one sampling loop (:mod:`.sampling`): a batch
+that fails is recorded with its prompts and seeds and the evaluation goes on; the result then
+says ``complete: false`` and lists the failures, so a partial evaluation is never mistaken
+for a whole one.
 
 Every distribution number carries ``feature_space``. In this project that is EfficientNet-
 Lite0 (ImageNet) features: a Fréchet distance here is NOT an Inception FID.
@@ -16,22 +17,19 @@ import hashlib
 import json
 import os
 import time
-import traceback
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from ..checkpoint import atomic_path
 from ..imaging import from_uint8, to_uint8
 from .features import DEFAULT_SIZE, get_feature_extractor
 from .metrics import frechet_distance, kernel_inception_distance, precision_recall
+from .sampling import NFECounter, SampleFn, check_prompts, sample_all  # noqa: F401 (public here)
 
 NOT_INCEPTION = ("Distances are computed on {space} features; they are NOT Inception FID/KID "
                  "values and are comparable only with numbers in the same feature space.")
-
-SampleFn = Callable[[list[str], list[int]], torch.Tensor]
-"""``sample_fn(prompts, seeds) -> images`` (N, 3, H, W) in [-1, 1], one image per prompt."""
-
 
 def cache_dir(path: str | None = None) -> str:
     """Where reference features are cached: ``path``, $DDISTILL_CACHE, or ~/.cache/..."""
@@ -61,39 +59,10 @@ def cached_features(key: dict, make_images: Callable[[], torch.Tensor], extracto
         except Exception:  # noqa: BLE001, S110
             pass
     feats = extractor.extract(make_images())
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"  # write-then-rename: readers never see half a file
-    save_file({"features": feats.contiguous()}, tmp,
-              metadata={"key": json.dumps(full_key, sort_keys=True)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # readers never see half a file
+        save_file({"features": feats.contiguous()}, tmp,
+                  metadata={"key": json.dumps(full_key, sort_keys=True)})
     return feats
-
-
-class NFECounter:
-    """Counts network evaluations per image by hooking the backbone's forward.
-
-    Measured rather than computed from (steps, guidance): with classifier-free guidance
-    diffusers runs the conditional and unconditional halves as one batch of 2N, which counts
-    as 2 evaluations per image; guidance-distilled models (Flux) run one. The count is the sum
-    over forward calls of the call's batch size, divided by the number of images sampled.
-    """
-
-    def __init__(self, backbone: nn.Module):
-        self.backbone = backbone
-        self.evaluations = 0
-        self._handle = None
-
-    def _hook(self, module, args, kwargs):
-        x = args[0] if args else next(
-            (kwargs[k] for k in ("sample", "hidden_states", "x") if k in kwargs), None)
-        self.evaluations += int(x.shape[0]) if torch.is_tensor(x) else 1
-
-    def __enter__(self):
-        self._handle = self.backbone.register_forward_pre_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc):
-        self._handle.remove()
 
 
 def evaluate(
@@ -114,6 +83,7 @@ def evaluate(
     kid_subsets: int = 100,
     progress: bool = True,
     keep_images: int = 64,
+    return_features: bool = False,
 ) -> dict:
     """Sample ``prompts`` with ``seeds`` and score the samples against a reference set.
 
@@ -130,6 +100,8 @@ def evaluate(
         backbone: the denoising network; when given, NFE is measured by hooking its forward.
         nfe: network evaluations per image, when the caller knows it (used if no backbone).
         keep_images: how many samples (in prompt order) to return under ``"images"`` for grids.
+        return_features: also return the samples' features under ``"features"`` (N, D), e.g.
+            to score other models against these samples (:func:`fd_to`).
 
     Returns:
         A dict with ``fd``, ``kid`` (``mean``, ``std``), ``precision``, ``recall``,
@@ -137,11 +109,7 @@ def evaluate(
         ``num_requested``, ``complete`` and ``failures`` (each with the batch's prompts, seeds
         and error). Metrics are None when too few samples succeeded to compute them.
     """
-    if len(prompts) != len(seeds):
-        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per "
-                         "prompt (the same lists for every model you compare)")
-    if not prompts:
-        raise ValueError("no prompts to evaluate; give at least one prompt")
+    check_prompts(prompts, seeds)
     if labels is not None and len(labels) != len(prompts):
         raise ValueError(f"got {len(labels)} label dicts for {len(prompts)} prompts")
     if reference_images is None and reference_features is None:
@@ -154,41 +122,21 @@ def evaluate(
     if reference_features is None:
         reference_features = extractor.extract(reference_images)
 
-    feats, images_u8, ok_index, failures = [], [], [], []
-    sample_seconds = feature_seconds = 0.0
-    counter = NFECounter(backbone) if backbone is not None else None
-    batches = range(0, len(prompts), batch_size)
-    bar = _progress(len(prompts), progress, desc=f"sampling+features ({space})")
-    try:
-        if counter:
-            counter.__enter__()
-        for start in batches:
-            bp, bs = prompts[start:start + batch_size], seeds[start:start + batch_size]
-            try:
-                t0 = time.perf_counter()
-                images = sample_fn(bp, bs)
-                sample_seconds += time.perf_counter() - t0
-                images = _check_images(images, len(bp))
-                t0 = time.perf_counter()
-                feats.append(extractor.extract(images))
-                feature_seconds += time.perf_counter() - t0
-            # One bad batch must not sink the whole evaluation.
-            except Exception as e:  # noqa: BLE001
-                failures.append({"batch": start // batch_size, "prompts": bp, "seeds": bs,
-                                 "error": f"{type(e).__name__}: {e}",
-                                 "traceback": traceback.format_exc(limit=4)})
-                bar.write(f"batch {start // batch_size} failed ({type(e).__name__}: {e}); "
-                          f"prompts: {bp}")
-            else:
-                # uint8 keeps every sample for the alignment classifier at 1/4 the memory.
-                images_u8.append(to_uint8(images))
-                ok_index.extend(range(start, start + len(bp)))
-            bar.update(len(bp))
-    finally:
-        bar.close()
-        if counter:
-            counter.__exit__(None, None, None)
+    feats, images_u8 = [], []
+    feature_seconds = 0.0
 
+    def consume(start, bp, bs, images):
+        nonlocal feature_seconds
+        t0 = time.perf_counter()
+        feats.append(extractor.extract(images))
+        feature_seconds += time.perf_counter() - t0
+        # uint8 keeps every sample for the alignment classifier at 1/4 the memory.
+        images_u8.append(to_uint8(images))
+
+    report = sample_all(sample_fn, prompts, seeds, consume, batch_size=batch_size,
+                        backbone=backbone, progress=progress,
+                        desc=f"sampling+features ({space})")
+    ok_index, failures = report.ok_index, report.failures
     n_ok = len(ok_index)
     result = {
         "feature_space": space,
@@ -198,9 +146,9 @@ def evaluate(
         "num_reference": len(reference_features),
         "complete": not failures,
         "failures": failures,
-        "nfe": (counter.evaluations / n_ok if counter and n_ok else nfe),
-        "seconds_per_image": sample_seconds / n_ok if n_ok else None,
-        "feature_seconds_per_image": feature_seconds / n_ok if n_ok else None,
+        "nfe": report.nfe if backbone is not None else nfe,
+        "seconds_per_image": report.per_image(report.sample_seconds),
+        "feature_seconds_per_image": report.per_image(feature_seconds),
         "fd": None, "kid": None, "precision": None, "recall": None, "alignment": None,
     }
     fake = torch.cat(feats) if feats else torch.zeros(0, reference_features.shape[1])
@@ -224,18 +172,19 @@ def evaluate(
             result["complete"] = False
     result["total_seconds"] = time.perf_counter() - t_start
     result["images"] = images[:keep_images] if images is not None else None
+    if return_features:
+        result["features"] = fake
     return result
 
 
-def _check_images(images, n: int) -> torch.Tensor:
-    if not torch.is_tensor(images) or images.dim() != 4 or images.shape[0] != n \
-            or images.shape[1] not in (1, 3):
-        got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise ValueError(f"sample_fn must return a (N, 3, H, W) tensor with N = {n} images in "
-                         f"[-1, 1], got {got}")
-    if not torch.isfinite(images).all():
-        raise ValueError("sample_fn returned NaN or infinite pixel values")
-    return images.detach().float().cpu()
+def fd_to(target_features: torch.Tensor, features: torch.Tensor) -> float | None:
+    """Fréchet distance of ``features`` to another model's samples, e.g. the teacher's own
+    (FD-to-teacher, the FID-T of the few-step literature: how close a student lands to what it
+    was distilled from, apart from how close the teacher is to the data). None when either set
+    has too few samples for a covariance."""
+    if min(len(target_features), len(features)) < 4:
+        return None
+    return frechet_distance(target_features, features)
 
 
 def _plain(x):
@@ -249,12 +198,6 @@ def _plain(x):
     if hasattr(x, "item") and not isinstance(x, (str, bytes)):
         return x.item()
     return x
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="img", leave=False)
 
 
 def summary_table(rows: list[tuple[str, dict]]) -> str:

@@ -187,14 +187,16 @@ class Protocol:
 
 
 def evaluate_loaded(loaded, protocol: Protocol, steps=None, guidance=None, batch_size=32,
-                    progress=True, name=None) -> tuple[dict, torch.Tensor | None]:
-    """Evaluate a model from :func:`load_model` under ``protocol``; (result, first samples)."""
+                    progress=True, name=None, return_features=False
+                    ) -> tuple[dict, torch.Tensor | None]:
+    """Evaluate a model from :func:`load_model` under ``protocol``; (result, first samples).
+    ``return_features``: the result keeps the samples' features under ``"features"``."""
     head, steps = model_head(loaded, steps, guidance, name)
     result = evaluate(make_sample_fn(loaded.call, steps, guidance), protocol.prompts, protocol.seeds,
                       reference_features=protocol.reference, labels=protocol.labels,
                       alignment_fn=protocol.alignment_fn, batch_size=batch_size,
                       extractor=protocol.extractor, backbone=backbone_of(loaded.pipe),
-                      progress=progress)
+                      progress=progress, return_features=return_features)
     images = result.pop("images")
     if protocol.alignment_note:
         result["alignment_note"] = protocol.alignment_note
@@ -219,9 +221,7 @@ def model_head(loaded, steps=None, guidance=None, name=None) -> tuple[dict, int 
 
 
 def write_json(path: str, obj: dict):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    from ..checkpoint import atomic_file
+
+    with atomic_file(path) as f:  # a crash mid-write never leaves a truncated results file
         json.dump(obj, f, indent=2)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated results file

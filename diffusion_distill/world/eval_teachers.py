@@ -97,7 +97,9 @@ def main(argv=None):
                          " ".join(argv if argv is not None else __import__("sys").argv[1:]),
               "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared)",
               "classifier": "diffusion_distill/world/assets/classifier", "results": results}
-    with open(a.out, "w") as f:
+    from ..checkpoint import atomic_file
+
+    with atomic_file(a.out) as f:
         json.dump(report, f, indent=2)
     print(a.out)
 
