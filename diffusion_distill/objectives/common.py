@@ -1,5 +1,7 @@
 """Pieces several method families share: re-noising, the critic's denoising loss, the
-distribution-matching direction, the GAN head on the critic's features.
+distribution-matching direction, the GAN head on the critic's features; for the consistency
+families (ECT, sCM) EDM's noise level and its inverse, and a seeded RNG block (one dropout mask
+for two passes).
 
 DMD and SiD both train a critic ("fake score") on the student's own samples and compare it with
 the teacher at re-noised student samples; DMD2 and SiDA both put a discriminator head on the
@@ -161,3 +163,38 @@ def feature_module(nets, role: str, name: str | None = None) -> nn.Module:
         raise ValueError(f"method.gan_feature_module {name!r} is not a module of "
                          f"{type(network).__name__}; pick one of: "
                          f"{[n for n, _ in network.named_modules() if n][:12]} ...") from None
+
+
+# -- noise levels and repeatable randomness (the consistency families) ---------------------
+
+def edm_sigma(schedule, t):
+    """EDM's noise level ``sigma_t / alpha_t`` of time ``t``."""
+    alpha, sigma = schedule.alpha_sigma(t)
+    return sigma / alpha
+
+
+def time_of_edm_sigma(schedule, s, iters: int = 24):
+    """The time ``t`` with ``sigma_t / alpha_t = s`` (bisection; any monotone schedule)."""
+    lo = torch.zeros_like(s)
+    hi = torch.ones_like(s)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        up = edm_sigma(schedule, mid) < s
+        lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
+    return torch.where(s <= 0, torch.zeros_like(s), hi)
+
+
+class seeded:
+    """Torch's global RNG forked and seeded for the block (dropout masks), then restored."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        self._fork = torch.random.fork_rng(devices=devices)
+        self._fork.__enter__()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        return self._fork.__exit__(*exc)

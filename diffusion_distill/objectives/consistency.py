@@ -57,7 +57,7 @@ from ..parameterization import add_noise
 from ..samplers import StudentSampler, vp_timesteps
 from ..schedules import student_timesteps
 from . import Objective
-from .common import bcast
+from .common import bcast, edm_sigma, seeded, time_of_edm_sigma
 
 DEFAULT_STEPS = (1, 2, 4, 8)
 
@@ -443,23 +443,6 @@ class PCM(_ConsistencyDistillation):
 
 # -- consistency training from data ----------------------------------------------------------
 
-def edm_sigma(schedule, t):
-    """EDM's noise level ``sigma_t / alpha_t`` of time ``t``."""
-    alpha, sigma = schedule.alpha_sigma(t)
-    return sigma / alpha
-
-
-def time_of_edm_sigma(schedule, s, iters: int = 24):
-    """The time ``t`` with ``sigma_t / alpha_t = s`` (bisection; any monotone schedule)."""
-    lo = torch.zeros_like(s)
-    hi = torch.ones_like(s)
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        up = edm_sigma(schedule, mid) < s
-        lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
-    return torch.where(s <= 0, torch.zeros_like(s), hi)
-
-
 class ECT(Objective):
     """Easy consistency tuning (teacher-free, from data; the student starts as the teacher).
 
@@ -518,9 +501,9 @@ class ECT(Objective):
         alpha_r, sigma_r = sched.alpha_sigma(t_r)
         x_t, x_r = add_noise(x0, eps, alpha_t, sigma_t), add_noise(x0, eps, alpha_r, sigma_r)
         seed = ctx.rng.seed()  # the same dropout mask in both passes
-        with _seeded(seed):
+        with seeded(seed):
             f_t = nets.student(x_t, t, cond)
-        with torch.no_grad(), _seeded(seed):
+        with torch.no_grad(), seeded(seed):
             f_r = torch.nan_to_num(nets.student(x_r, t_r, cond))
         f_r = torch.where(bcast(r > 0, x0), f_r, x0)
         sq = ((f_t.float() - f_r.float()) ** 2).flatten(1).sum(1)
@@ -530,19 +513,3 @@ class ECT(Objective):
         loss = (per_sample * weight).mean()
         ctx.log(ect=loss, stage=stage)
         yield "student", loss
-
-
-class _seeded:
-    """Torch's global RNG forked and seeded for the block (dropout masks), then restored."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def __enter__(self):
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        self._fork = torch.random.fork_rng(devices=devices)
-        self._fork.__enter__()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc):
-        return self._fork.__exit__(*exc)
