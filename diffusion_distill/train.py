@@ -417,6 +417,7 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress)
 
 
 _EVAL_PROTOCOLS: dict = {}
+_TEACHER_FEATURES: dict = {}  # FD-to-teacher's reference, per teacher and protocol
 
 
 @torch.no_grad()
@@ -428,7 +429,7 @@ def quick_eval(nets, teacher, recipe, objective) -> dict:
     drawn with the toolkit's own few-step sampler, so curves of FD against training step need
     no extra sampling afterwards. Needs the world (data.source: world).
     """
-    from .eval.evaluate import evaluate
+    from .eval.evaluate import evaluate, fd_to
     from .eval.protocol import Protocol
     from .student import generate
 
@@ -446,9 +447,46 @@ def quick_eval(nets, teacher, recipe, objective) -> dict:
     result = evaluate(sample_fn, protocol.prompts, protocol.seeds,
                       reference_features=protocol.reference, labels=protocol.labels,
                       alignment_fn=protocol.alignment_fn, extractor=protocol.extractor,
-                      nfe=float(sampler.num_steps), progress=False, keep_images=0)
+                      nfe=float(sampler.num_steps), progress=False, keep_images=0,
+                      return_features=True)
     result.pop("images", None)
+    result["fd_teacher"] = fd_to(teacher_features(teacher, recipe, protocol),
+                                 result.pop("features"))
     return {k: v for k, v in result.items() if isinstance(v, (int, float, str, dict))}
+
+
+def teacher_features(teacher, recipe, protocol) -> torch.Tensor:
+    """Features of the teacher's own samples (its pipeline's sampler, default steps, the
+    recipe's CFG scale) on the protocol's prompts and seeds: what FD-to-teacher compares the
+    student with. Sampled once, then cached on disk by the teacher's weights (a custom teacher
+    without a folder: once per process)."""
+    from .eval.evaluate import cached_features
+    from .eval.protocol import model_fingerprint
+
+    path = recipe["teacher"].get("path")
+    weights = model_fingerprint(path) if isinstance(path, str) else None
+    guidance = recipe["teacher"].get("guidance")
+    key = {"what": "teacher samples", "teacher": path, "weights": weights,
+           "steps": teacher.default_steps, "guidance": guidance, **protocol.describe()}
+    memo = json.dumps(key, sort_keys=True, default=str)
+    if memo not in _TEACHER_FEATURES:
+        def make_images():
+            images = []
+            for i in range(0, len(protocol.prompts), 16):
+                seeds = protocol.seeds[i:i + 16]
+                noise = torch.stack([torch.randn(teacher.latent_shape,
+                                                 generator=torch.Generator().manual_seed(s))
+                                     for s in seeds])
+                with torch.no_grad():
+                    latents = teacher.sample(protocol.prompts[i:i + 16], guidance=guidance,
+                                             noise=noise)
+                    images.append(teacher.decode(latents).float().cpu())
+            return torch.cat(images)
+
+        _TEACHER_FEATURES[memo] = (
+            cached_features(key, make_images, protocol.extractor) if weights is not None
+            else protocol.extractor.extract(make_images()))
+    return _TEACHER_FEATURES[memo]
 
 
 def _tensorboard(run_dir):

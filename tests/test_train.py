@@ -159,3 +159,6 @@ def test_cheap_evaluation_goes_into_the_run_log(tiny_sd_path, tmp_path):
     assert [r["step"] for r in rows] == [2]
     assert rows[0]["fd"] > 0 and 0 <= rows[0]["recall"] <= 1 and rows[0]["nfe"] == 1
     assert "efficientnet" in rows[0]["feature_space"]
+    # FD to the teacher's own samples (its pipeline's sampler, same prompts and seeds) beside
+    # FD to the data: two different distances, both finite.
+    assert 0 < rows[0]["fd_teacher"] < float("inf") and rows[0]["fd_teacher"] != rows[0]["fd"]

@@ -29,7 +29,8 @@ def plots(rows: list[dict], out: str, logs: dict | None = None, log=print) -> li
     """The report's figures (PNG, matplotlib):
 
     * ``metrics_vs_nfe.png``: FD, alignment and recall against NFE, a line per model;
-    * ``fd_vs_step.png``: FD (and alignment) of each student during training, from run logs;
+    * ``fd_vs_step.png``: FD, FD to the teacher, alignment and recall of each student during
+      training, from run logs;
     * ``alignment_vs_recall.png``: prompt following against diversity, a point per cell;
     * ``speedup_vs_nfe.png``: measured speedup over the teacher beside the NFE ratio.
     The real-data row is drawn as the floor (dashed) where it applies.
@@ -111,17 +112,21 @@ def plots(rows: list[dict], out: str, logs: dict | None = None, log=print) -> li
 
     curves = {k: v for k, v in (logs or {}).items() if any(r.get("fd") is not None for r in v)}
     if curves:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-        for name, log_rows in curves.items():
-            pts = [(r["step"], r.get("fd"), value(r, "alignment")) for r in log_rows]
-            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
-            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=name)
         n = next((r.get("num_samples") for v in curves.values() for r in v
                   if r.get("num_samples")), "?")
-        for ax, label in zip(axes, (f"FD ({space}, n={n}) during training",
-                                    "alignment during training")):
+        panels = [("fd", f"FD ({space}, n={n}) during training")]
+        if any(r.get("fd_teacher") is not None for v in curves.values() for r in v):
+            panels.append(("fd_teacher", "FD to the teacher's samples during training"))
+        panels += [("alignment", "alignment during training"), ("recall", "recall")]
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6))
+        for name, log_rows in curves.items():
+            for ax, (m, _) in zip(axes, panels):
+                pts = [(r["step"], value(r, m)) for r in log_rows if value(r, m) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), "o-", label=name)
+        for ax, (_, label) in zip(axes, panels):
             ax.set_xlabel("training step")
             ax.set_title(label, fontsize=9)
-        axes[1].legend(fontsize=7)
+        axes[-1].legend(fontsize=7)
         save(fig, "fd_vs_step.png")
     return written

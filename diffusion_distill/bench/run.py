@@ -2,7 +2,6 @@
 (resumable), then the latency, the table, the overview and the plots."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -10,33 +9,12 @@ import time
 from safetensors.torch import save_file
 
 from ..checkpoint import atomic_file, atomic_path
+from ..eval.protocol import model_fingerprint
 from .latency import add_speedups, device_name, machine, measure_latency
 from .plots import plots, run_logs
 from .report import markdown_table, overview
 from .spec import cells_of, normalize_spec
 from .standard_protocol import StandardProtocol
-
-
-def model_fingerprint(path: str | None) -> str | None:
-    """What identifies a model's weights for reusing a finished cell: the name, size and
-    modification time of every weight and config file in its folder (cheap even for a
-    multi-GB pipeline; a retrained or replaced model changes it)."""
-    if path is None:
-        return None
-    from ..eval.protocol import resolve_path as _resolve
-
-    folder = _resolve(path)
-    if not os.path.isdir(folder):
-        return None
-    h = hashlib.sha256()
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            if name.endswith((".safetensors", ".bin", ".json", ".txt", ".model")):
-                st = os.stat(os.path.join(root, name))
-                rel = os.path.relpath(os.path.join(root, name), folder)
-                h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
 
 
 def features_path(out: str, cell_id: str) -> str:

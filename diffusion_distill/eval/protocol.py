@@ -47,6 +47,26 @@ def resolve_path(path: str) -> str:
     return resolve_teacher_path(path)
 
 
+def model_fingerprint(path: str | None) -> str | None:
+    """What identifies a model's weights for reusing a finished cell: the name, size and
+    modification time of every weight and config file in its folder (cheap even for a
+    multi-GB pipeline; a retrained or replaced model changes it)."""
+    if path is None:
+        return None
+    folder = resolve_path(path)
+    if not os.path.isdir(folder):
+        return None
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith((".safetensors", ".bin", ".json", ".txt", ".model")):
+                st = os.stat(os.path.join(root, name))
+                rel = os.path.relpath(os.path.join(root, name), folder)
+                h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
 def load_model(path: str, teacher: str | None = None) -> LoadedModel:
     """A :class:`LoadedModel` for a pipeline folder, embedded teacher or export.
 
