@@ -123,7 +123,8 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
-def student_timesteps(num_steps: int, schedule: Schedule, t_max: float = 1.0) -> list[float]:
+def student_timesteps(num_steps: int, schedule: Schedule | None = None,
+                      t_max: float = 1.0) -> list[float]:
     """Evenly spaced times for a few-step student, starting at pure noise (DMD2's choice)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")

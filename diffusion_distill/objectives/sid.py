@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from ..denoiser import Cond
 from ..parameterization import from_x0
+from ..schedules import student_timesteps
 from ..step import NonFiniteLossError
 from . import Objective
 from .common import (
@@ -158,8 +159,7 @@ class SiD(Objective):
         self.max_nonfinite_steps = max_nonfinite_steps
         times = list(student_times or [1.0])
         if t_init is not None:
-            k = len(times)
-            times = [t_init * (1 - i / k) for i in range(k)]
+            times = student_timesteps(len(times), t_max=t_init)
         self.student_times = times
         self._bad_streak = {"student": 0, "critic": 0}
 

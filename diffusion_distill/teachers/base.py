@@ -16,6 +16,7 @@ from torch import nn
 
 from ..denoiser import Cond, Denoiser, ddim_step
 from ..parameterization import from_x0
+from ..schedules import student_timesteps
 
 
 def flow_time_shift(scheduler, seq_len: int | None = None) -> float:
@@ -194,7 +195,7 @@ class Teacher:
         """The continuous times the teacher's own scheduler visits in ``steps`` steps, from
         pure noise down (e.g. SD1.5's leading grid 751, 501, 251, 1 -> 751/999, ...)."""
         if self.pipe is None:
-            return [1 - i / steps for i in range(steps)]
+            return student_timesteps(steps, self.schedule)  # even spacing, as a student's
         sched = self.scheduler(steps, latent_shape)
         return [float(self.schedule.t_from_model_time(ts.float().cpu())) for ts in sched.timesteps]
 
