@@ -37,8 +37,9 @@ Tangent (``tangent``): ``jvp`` is ``torch.func.jvp`` through the student (LoRA a
 under ``no_grad`` and torch's math SDPA kernel (forward-mode AD does not run through the fused
 flash / efficient kernels; a run whose ``train.attention`` pins one of them is refused with
 what to set instead); ``finite_difference`` is the central difference of the same directional
-derivative, ``(f(x + h v, u + h) - f(x - h v, u - h)) / 2h`` with ``h = fd_step * u`` (one-sided
-at u = 0 or 1), each pass under the same seeded RNG (identical dropout), for networks where
+derivative, ``(f(x + h v, u + h) - f(x - h v, u - h)) / 2h`` with ``h = fd_step`` (1e-4: a tenth
+of a DDPM timestep, below the period of a backbone's sinusoidal time embedding; float32
+rounding costs ~1e-3 relative there; one-sided at u = 0 or 1), each pass under the same seeded RNG (identical dropout), for networks where
 forward-mode AD fails. The loss arithmetic is float64 (METHODS.md; FastGen does the same).
 
 Time sampling: ``tan(s) = e^tau / sd``, ``tau ~ N(P_mean, P_std^2)``: EDM's sigma lognormal
@@ -94,7 +95,7 @@ class SCM(Objective):
         sigma_data: TrigFlow's sd (the data's std; the paper's 0.5).
         P_mean, P_std: ``tan(s) sd = e^tau``, tau normal (the paper's -1.0, 1.4).
         tangent: ``jvp`` (torch.func.jvp, math attention) or ``finite_difference``.
-        fd_step: the finite difference's relative step in the toolkit time (h = fd_step u).
+        fd_step: the finite difference's step h in the toolkit's time u.
         warmup_steps: r ramps from 0 to 1 over these steps (default: a quarter of
             train.steps, at most the paper's 10k); 0 switches the warm-up off.
         tangent_c: c of the normalisation ``g / (||g|| + c)`` (the paper's 0.1).
@@ -109,7 +110,7 @@ class SCM(Objective):
     needs_data = True
 
     def __init__(self, sigma_data: float = 0.5, P_mean: float = -1.0, P_std: float = 1.4,
-                 tangent: str = "jvp", fd_step: float = 1e-3, warmup_steps: int | None = None,
+                 tangent: str = "jvp", fd_step: float = 1e-4, warmup_steps: int | None = None,
                  tangent_c: float = 0.1, tangent_norm: str = "l2",
                  adaptive_weighting: bool = False, prior_weighting: bool = False,
                  sample_steps: list[int] | None = None, student_times: list[float] | None = None,
@@ -193,7 +194,7 @@ class SCM(Objective):
                 with nets.roles.use("student"), sdpa_kernel([SDPBackend.MATH]), seeded(seed), \
                         contiguous_group_norm_inputs(nets.network("student")):
                     return torch.func.jvp(f, (x_t, u), (v, torch.ones_like(u)))[1]
-            h = self.fd_step * u.clamp_min(1e-2)
+            h = self.fd_step
             u_hi, u_lo = (u + h).clamp_max(1.0), (u - h).clamp_min(0.0)
             with seeded(seed):
                 hi = f(x_t + bcast(u_hi - u, x_t) * v, u_hi)
