@@ -81,6 +81,7 @@ DEFAULTS: dict = {
         "ema_decay": 0.99,
         "seed": 0,
         "mixed_precision": "no",   # no | fp16 | bf16 (accelerate)
+        "optimizer": "adamw",      # adamw | adamw8bit (bitsandbytes, CUDA only)
         "checkpoint_every": 200,
         "keep_checkpoints": 2,
         "log_every": 10,
@@ -252,6 +253,7 @@ _RULES = [
      "two numbers in [0, 1), e.g. [0.9, 0.999]"),
     ("train.mixed_precision", lambda v: v in ("no", "fp16", "bf16"), "one of no, fp16, bf16"),
     ("train.device", lambda v: v in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
+    ("train.optimizer", lambda v: v in ("adamw", "adamw8bit"), "adamw or adamw8bit"),
     ("train.attention", lambda v: v in _attention_backends(),
      "one of native, math, efficient, flash, cudnn, xformers, flex, sage"),
     ("student.mode", lambda v: v in ("lora", "full"), "lora or full"),

@@ -79,14 +79,36 @@ def lr_factor(step: int, steps: int, final: float | None, warmup: int = 0) -> fl
     return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def optimizer_class(cfg: dict, cuda: bool):
+    """The AdamW of ``train.optimizer``: torch's, or bitsandbytes' 8-bit one (its state in 8
+    bits: a quarter of AdamW's two fp32 moments). Refused with what to do before any work when
+    bitsandbytes is missing or the run is not on CUDA (its 8-bit optimizers are CUDA kernels)."""
+    name = cfg.get("optimizer", "adamw")
+    if name == "adamw":
+        return torch.optim.AdamW
+    if not cuda:
+        raise ValueError("train.optimizer=adamw8bit needs a CUDA device (bitsandbytes' 8-bit "
+                         "optimizers are GPU kernels); this run is on the CPU. Use "
+                         "train.optimizer=adamw here.")
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ValueError(f"train.optimizer=adamw8bit needs bitsandbytes ({e}); install it "
+                         "(pip install bitsandbytes) or use train.optimizer=adamw") from e
+    return bnb.optim.AdamW8bit
+
+
 def build_optimizers(objective, nets, cfg) -> dict:
-    """One AdamW per trained role, at the learning rate the objective's role settings name."""
+    """One AdamW per trained role (``train.optimizer``), at the learning rate the objective's
+    role settings name."""
     optimizers = {}
     for role in objective.roles:
         key = objective.role_settings(role).lr
         lr = cfg[key] if cfg.get(key) is not None else cfg["lr"]
-        optimizers[role] = torch.optim.AdamW(nets.params(role), lr=lr, betas=tuple(cfg["betas"]),
-                                             weight_decay=cfg["weight_decay"])
+        params = list(nets.params(role))
+        adamw = optimizer_class(cfg, cuda=bool(params) and params[0].is_cuda)
+        optimizers[role] = adamw(params, lr=lr, betas=tuple(cfg["betas"]),
+                                 weight_decay=cfg["weight_decay"])
         # the recipe's rate for this role, before the schedule's factor
         optimizers[role].base_lr = lr
     return optimizers

@@ -32,6 +32,7 @@ from .step import (  # noqa: F401  (public here too: the loop's pieces)
     _all_reduce_mean,
     build_optimizers,
     lr_factor,
+    optimizer_class,
     train_step,
 )
 
@@ -292,8 +293,9 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
     if cfg["mixed_precision"] == "fp16":
         raise ValueError("train.mixed_precision=fp16 needs loss scaling per role, which this "
                          "loop does not do; use bf16 (or no).")
-    accelerator = Accelerator(cpu=cfg["device"] == "cpu" or not torch.cuda.is_available(),
-                              mixed_precision=cfg["mixed_precision"])
+    on_cpu = cfg["device"] == "cpu" or not torch.cuda.is_available()
+    optimizer_class(cfg, cuda=not on_cpu)  # refused here, before any model is built
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=cfg["mixed_precision"])
     run_dir = recipe["output"]["dir"]
     main = accelerator.is_main_process
     with contextlib.ExitStack() as stack:

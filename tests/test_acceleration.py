@@ -146,3 +146,22 @@ def test_recipe_keys_train_the_same_student(tiny_sd_path, tmp_path):
         from diffusion_distill.recipe import load_recipe
 
         load_recipe(tiny_recipe(tiny_sd_path, tmp_path / "bad", attention="fastest"))
+
+
+def test_8bit_adamw_is_refused_before_any_work_where_it_cannot_run(tiny_sd_path, tmp_path,
+                                                                  monkeypatch):
+    import sys
+
+    from conftest import tiny_recipe
+
+    from diffusion_distill.step import optimizer_class
+    from diffusion_distill.train import train
+
+    recipe = tiny_recipe(tiny_sd_path, tmp_path / "run", steps=2, optimizer="adamw8bit")
+    with pytest.raises(ValueError, match="adamw8bit needs a CUDA device.*optimizer=adamw"):
+        train(recipe, progress=False)
+    assert not (tmp_path / "run").exists()  # nothing was written
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    with pytest.raises(ValueError, match="needs bitsandbytes.*pip install bitsandbytes"):
+        optimizer_class({"optimizer": "adamw8bit"}, cuda=True)
+    assert optimizer_class({"optimizer": "adamw"}, cuda=False) is torch.optim.AdamW
