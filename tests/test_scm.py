@@ -64,6 +64,7 @@ def test_jvp_tangent_equals_finite_difference_on_a_toy_mlp(schedule):
     v = torch.randn(64, 2, generator=g)
     cond = teacher.prompts([""] * 64)
     jvp, fd = _tangents(objective, nets, x_t, u, v, cond)
+    print("toy", schedule, "jvp vs finite difference, relative", _rel(jvp, fd))
     assert fd.norm() > 1e-2
     assert _rel(jvp, fd) < 2e-3, _rel(jvp, fd)
     # the tangent is really the derivative along (v, 1): another direction gives another one
@@ -89,6 +90,7 @@ def test_finite_difference_sees_the_same_dropout_mask_as_the_jvp():
     x_t, u = torch.randn(32, 2, generator=g), 0.1 + 0.8 * torch.rand(32, generator=g)
     v, cond = torch.randn(32, 2, generator=g), teacher.prompts([""] * 32)
     jvp, fd = _tangents(objective, nets, x_t, u, v, cond)
+    print("dropout mlp: jvp vs finite difference, relative", _rel(jvp, fd))
     assert _rel(jvp, fd) < 2e-3, _rel(jvp, fd)
     # another seed: another mask, another tangent (dropout is really on)
     objective.tangent = "finite_difference"
@@ -110,6 +112,7 @@ def test_jvp_tangent_through_a_tiny_unet_with_its_lora(tiny_sd_path, tmp_path):
     u = torch.tensor([0.3, 0.7])
     cond = teacher.prompts(["a red circle", "two green triangles"])
     jvp, fd = _tangents(objective, nets, x_t, u, v, cond)
+    print("tiny unet: jvp vs finite difference, relative", _rel(jvp, fd))
     assert _rel(jvp, fd) < 2e-2, _rel(jvp, fd)
     objective.tangent = "jvp"
     with nets.roles.use("teacher"):  # the student's adapter, whatever is active around it
