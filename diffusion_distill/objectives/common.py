@@ -15,6 +15,8 @@ from torch import nn
 
 from ..denoiser import ddim_step
 from ..parameterization import add_noise, from_x0
+from ..samplers import StudentSampler
+from ..schedules import student_timesteps
 
 
 def mean_per_sample(x: torch.Tensor) -> torch.Tensor:
@@ -198,3 +200,22 @@ class seeded:
 
     def __exit__(self, *exc):
         return self._fork.__exit__(*exc)
+
+
+class AnyStepCount:
+    """For a consistency function sampled by its default rule (x0, then fresh noise to the next
+    time): one student serves any step count, on evenly spaced times, besides its training
+    times. ``sample_steps``: the counts its export declares (default 1, 2, 4)."""
+
+    def _serve(self, student_times, sample_steps=None):
+        self.student_times = list(student_times or [1.0])
+        self._servable = sorted(set(sample_steps or [1, 2, 4]) | {len(self.student_times)})
+
+    def servable_steps(self):
+        return list(self._servable)
+
+    def sampler(self, num_steps=None):
+        self._check_steps(num_steps)
+        if num_steps is None or num_steps == len(self.student_times):
+            return StudentSampler(self.student_times)
+        return StudentSampler(student_timesteps(num_steps))

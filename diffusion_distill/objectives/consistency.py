@@ -55,9 +55,8 @@ import torch.nn.functional as F
 from ..denoiser import ddim_step
 from ..parameterization import add_noise
 from ..samplers import StudentSampler, vp_timesteps
-from ..schedules import student_timesteps
 from . import Objective
-from .common import bcast, edm_sigma, seeded, time_of_edm_sigma
+from .common import AnyStepCount, bcast, edm_sigma, seeded, time_of_edm_sigma
 
 DEFAULT_STEPS = (1, 2, 4, 8)
 
@@ -443,7 +442,7 @@ class PCM(_ConsistencyDistillation):
 
 # -- consistency training from data ----------------------------------------------------------
 
-class ECT(Objective):
+class ECT(AnyStepCount, Objective):
     """Easy consistency tuning (teacher-free, from data; the student starts as the teacher).
 
     Args:
@@ -470,18 +469,7 @@ class ECT(Objective):
         self.q, self.k, self.b = q, k, b
         self.stage_every = stage_every or max(1, (total_steps or 1000) // 4)
         self.huber_c = huber_c
-        self.student_times = list(student_times or [1.0])
-        steps = sorted(set(sample_steps or [1, 2, 4]) | {len(self.student_times)})
-        self._servable = steps
-
-    def servable_steps(self):
-        return list(self._servable)
-
-    def sampler(self, num_steps=None):
-        self._check_steps(num_steps)
-        if num_steps is None or num_steps == len(self.student_times):
-            return StudentSampler(self.student_times)
-        return StudentSampler(student_timesteps(num_steps, None))
+        self._serve(student_times, sample_steps)
 
     def r_of(self, s, stage: int):
         decay = self.q ** -(stage + 1)

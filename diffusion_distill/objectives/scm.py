@@ -59,10 +59,8 @@ import math
 import torch
 from torch import nn
 
-from ..samplers import StudentSampler
-from ..schedules import student_timesteps
 from . import Objective
-from .common import bcast, edm_sigma, seeded, time_of_edm_sigma
+from .common import AnyStepCount, bcast, edm_sigma, seeded, time_of_edm_sigma
 
 TANGENTS = ("jvp", "finite_difference")
 TANGENT_NORMS = ("l2", "rms", "none")
@@ -88,7 +86,7 @@ class LogVariance(nn.Module):
         return self.linear(feats).squeeze(1)
 
 
-class SCM(Objective):
+class SCM(AnyStepCount, Objective):
     """sCM consistency distillation from the teacher's PF-ODE (sCD; module docstring).
 
     Args:
@@ -130,18 +128,9 @@ class SCM(Objective):
         self.warmup_steps = int(warmup_steps)
         self.tangent_c, self.tangent_norm = float(tangent_c), tangent_norm
         self.adaptive_weighting, self.prior_weighting = adaptive_weighting, prior_weighting
-        self.student_times = list(student_times or [1.0])
-        self._servable = sorted(set(sample_steps or [1, 2, 4]) | {len(self.student_times)})
+        self._serve(student_times, sample_steps)
 
     # -- contract -------------------------------------------------------------------------
-    def servable_steps(self):
-        return list(self._servable)
-
-    def sampler(self, num_steps=None):
-        self._check_steps(num_steps)
-        if num_steps is None or num_steps == len(self.student_times):
-            return StudentSampler(self.student_times)
-        return StudentSampler(student_timesteps(num_steps, None))
 
     def setup(self, nets):
         if self.tangent == "jvp":
