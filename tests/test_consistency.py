@@ -153,6 +153,28 @@ def _run(path, tmp_path, method, steps=2, ema_decay=None):
     return train(recipe, progress=False, return_nets=True)
 
 
+def reproduces_through_diffusers(export, config, nets, objective, steps, flow):
+    """The toolkit's own samples at each step count equal a fresh pipeline with the export's
+    LoRA and scheduler, and load_student's; the teacher through the same sampler differs (the
+    LoRA is really there). Returns the last plain pipeline."""
+    from diffusion_distill.export import load_student
+
+    prompts, seeds = ["a red circle", "two green triangles"], (11, 12)
+    student = load_student(export)
+    for n in steps:
+        sampler = objective.sampler(n)
+        ours = generate(nets, prompts, sampler, [torch.Generator().manual_seed(s) for s in seeds])
+        theirs, pipe = _plain_diffusers(export, config, n, prompts, seeds, flow)
+        torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+        loaded = student(prompts, num_inference_steps=n, output_type="latent",
+                         generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+        torch.testing.assert_close(loaded, ours, rtol=1e-4, atol=1e-4)
+        base = generate(nets, prompts, sampler, [torch.Generator().manual_seed(s) for s in seeds],
+                        role="teacher")
+        assert not torch.allclose(base, ours, atol=1e-4)
+    return pipe
+
+
 def _plain_diffusers(export, config, n, prompts, seeds, flow):
     import diffusers
 
@@ -187,7 +209,6 @@ def _plain_diffusers(export, config, n, prompts, seeds, flow):
         "lcm-sdxl"])
 def test_plain_diffusers_reproduces_the_student(family, method, steps, scheduler, tiny_sd_path,
                                                 tiny_sd3_path, tmp_path):
-    from diffusion_distill.export import load_student
 
     if family == "sdxl":
         from diffusion_distill.tiny import tiny_sdxl
@@ -203,20 +224,7 @@ def test_plain_diffusers_reproduces_the_student(family, method, steps, scheduler
         config = json.load(f)
     assert config["scheduler"]["class"] == scheduler
     prompts, seeds = ["a red circle", "two green triangles"], (11, 12)
-    flow = family == "sd3"
-    student = load_student(export)
-    for n in steps:
-        sampler = objective.sampler(n)
-        ours = generate(nets, prompts, sampler, [torch.Generator().manual_seed(s) for s in seeds])
-        theirs, pipe = _plain_diffusers(export, config, n, prompts, seeds, flow)
-        torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
-        loaded = student(prompts, num_inference_steps=n, output_type="latent",
-                         generator=[torch.Generator().manual_seed(s) for s in seeds]).images
-        torch.testing.assert_close(loaded, ours, rtol=1e-4, atol=1e-4)
-        # the LoRA is really there: the teacher through the same sampler differs
-        base = generate(nets, prompts, sampler, [torch.Generator().manual_seed(s) for s in seeds],
-                        role="teacher")
-        assert not torch.allclose(base, ours, atol=1e-4)
+    pipe = reproduces_through_diffusers(export, config, nets, objective, steps, family == "sd3")
     if method["name"] == "lcm" and family in ("sd", "sdxl"):
         # the usual LCM-LoRA lines: LCMScheduler from the teacher's own scheduler config
         from diffusers import LCMScheduler

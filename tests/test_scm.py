@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 from conftest import tiny_recipe
-from test_consistency import EDMMLP, _fit_to_teacher, _plain_diffusers
+from test_consistency import EDMMLP, _fit_to_teacher, reproduces_through_diffusers
 
 from diffusion_distill.objectives import build_objective
 from diffusion_distill.recipe import load_recipe
@@ -196,7 +196,6 @@ def test_one_step_samples_move_toward_the_teacher(schedule):
 ], ids=["sd-jvp", "sd3-jvp-adaptive", "sd3-fd"])
 def test_plain_diffusers_reproduces_the_student(family, method, scheduler, tiny_sd_path,
                                                 tiny_sd3_path, tmp_path):
-    from diffusion_distill.export import load_student
 
     path = tiny_sd_path if family == "sd" else tiny_sd3_path
     recipe = tiny_recipe(path, tmp_path / "run", method=method, steps=3, lr=1e-3,
@@ -212,19 +211,7 @@ def test_plain_diffusers_reproduces_the_student(family, method, scheduler, tiny_
         config = json.load(f)
     assert config["scheduler"]["class"] == scheduler
     objective = build_objective(method, student_times=[1.0])
-    prompts, seeds = ["a red circle", "two green triangles"], (11, 12)
-    student = load_student(export)
-    for n in (1, 2):
-        sampler = objective.sampler(n)
-        ours = generate(nets, prompts, sampler, [torch.Generator().manual_seed(s) for s in seeds])
-        theirs, _ = _plain_diffusers(export, config, n, prompts, seeds, family == "sd3")
-        torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
-        loaded = student(prompts, num_inference_steps=n, output_type="latent",
-                         generator=[torch.Generator().manual_seed(s) for s in seeds]).images
-        torch.testing.assert_close(loaded, ours, rtol=1e-4, atol=1e-4)
-        base = generate(nets, prompts, sampler, [torch.Generator().manual_seed(s) for s in seeds],
-                        role="teacher")
-        assert not torch.allclose(base, ours, atol=1e-4)  # the LoRA is really there
+    reproduces_through_diffusers(export, config, nets, objective, (1, 2), family == "sd3")
     if method.get("adaptive_weighting"):  # w_phi trained with the student, kept in checkpoints
         w = nets.extra["student"]["scm_logvar"].linear
         assert w.weight.abs().sum() > 0
