@@ -470,7 +470,9 @@ def teacher_features(teacher, recipe, protocol) -> torch.Tensor:
     guidance = recipe["teacher"].get("guidance")
     key = {"what": "teacher samples", "teacher": path, "weights": weights,
            "steps": teacher.default_steps, "guidance": guidance, **protocol.describe()}
-    memo = json.dumps(key, sort_keys=True, default=str)
+    # without weights on disk, only this very teacher object may reuse its samples
+    memo = json.dumps({**key, "object": None if weights else id(teacher)}, sort_keys=True,
+                      default=str)
     if memo not in _TEACHER_FEATURES:
         def make_images():
             images = []

@@ -31,6 +31,7 @@ from .sampling import NFECounter, SampleFn, check_prompts, sample_all  # noqa: F
 NOT_INCEPTION = ("Distances are computed on {space} features; they are NOT Inception FID/KID "
                  "values and are comparable only with numbers in the same feature space.")
 
+
 def cache_dir(path: str | None = None) -> str:
     """Where reference features are cached: ``path``, $DDISTILL_CACHE, or ~/.cache/..."""
     path = path or os.environ.get("DDISTILL_CACHE") or os.path.join(
