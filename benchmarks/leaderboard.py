@@ -35,11 +35,13 @@ METHODS = {
     "tcd": "tcd_{t}",
     "pcm": "pcm_{t}",
     "ect": "ect_{t}",
+    "scm": "scm_{t}",
     "sid": "sid_{t}",
     "sida": "sida_{t}",
 }
 # One export serves several step counts: each is a row. PCM's 2 phases serve multiples of 2.
-STEPS = {"lcm": [1, 2, 4, 8], "tcd": [1, 2, 4, 8], "pcm": [2, 4, 8]}
+STEPS = {"lcm": [1, 2, 4, 8], "tcd": [1, 2, 4, 8], "pcm": [2, 4, 8], "ect": [1, 2, 4, 8],
+         "scm": [1, 2, 4, 8]}
 TEACHER_GUIDANCE = 5.0
 
 

@@ -361,17 +361,20 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress)
                              "trained with, or --new-run") from e
 
     start = 0
+    train_seconds = 0.0  # wall time inside train_step only (no eval, logging or checkpoints)
     found = load_latest_good(run_dir, apply, set_aside=main and world == 1)
     if found:
         ckpt, _, _, state = found
         start = state["step"]
+        train_seconds = float(state.get("train_seconds", 0.0))
         if main:
             print(f"resuming {run_dir} from step {start} ({ckpt})")
 
     def checkpoint(step):
         if main:
             save_checkpoint(run_dir, step, {r: nets.state_dict(r) for r in weight_roles},
-                            optimizers, {"name": recipe["name"]}, keep=cfg["keep_checkpoints"])
+                            optimizers, {"name": recipe["name"], "train_seconds": train_seconds},
+                            keep=cfg["keep_checkpoints"])
         accelerator.wait_for_everyone()
 
     log_path = os.path.join(run_dir, "metrics.jsonl")
@@ -382,9 +385,11 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress)
     t_last = time.time()
     interval = LogInterval()
     for step in bar:
+        t_step = time.perf_counter()
         logs = train_step(objective, nets, optimizers, batches, step, cfg, local_batch,
                           rank=rank, world=world, device=device, accelerator=accelerator,
                           run_dir=run_dir)
+        train_seconds += time.perf_counter() - t_step
         interval.add(logs)
         done = step + 1
         if main and (done % cfg["log_every"] == 0 or done == end):
@@ -401,7 +406,7 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss/")})
         if cfg["eval_every"] and (done % cfg["eval_every"] == 0 or done == end) and main:
             row = quick_eval(nets, teacher, recipe, objective)
-            row.update(step=done)
+            row.update(step=done, train_seconds=round(train_seconds, 2))
             with open(os.path.join(run_dir, "eval.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()

@@ -162,3 +162,4 @@ def test_cheap_evaluation_goes_into_the_run_log(tiny_sd_path, tmp_path):
     # FD to the teacher's own samples (its pipeline's sampler, same prompts and seeds) beside
     # FD to the data: two different distances, both finite.
     assert 0 < rows[0]["fd_teacher"] < float("inf") and rows[0]["fd_teacher"] != rows[0]["fd"]
+    assert rows[0]["train_seconds"] > 0  # training wall time, for time-to-quality curves

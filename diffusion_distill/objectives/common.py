@@ -205,11 +205,11 @@ class seeded:
 class AnyStepCount:
     """For a consistency function sampled by its default rule (x0, then fresh noise to the next
     time): one student serves any step count, on evenly spaced times, besides its training
-    times. ``sample_steps``: the counts its export declares (default 1, 2, 4)."""
+    times. ``sample_steps``: the counts its export declares (default 1, 2, 4, 8)."""
 
     def _serve(self, student_times, sample_steps=None):
         self.student_times = list(student_times or [1.0])
-        self._servable = sorted(set(sample_steps or [1, 2, 4]) | {len(self.student_times)})
+        self._servable = sorted(set(sample_steps or [1, 2, 4, 8]) | {len(self.student_times)})
 
     def servable_steps(self):
         return list(self._servable)
