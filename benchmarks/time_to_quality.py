@@ -1,0 +1,139 @@
+"""Training wall time until a student comes within a factor of its teacher's Fréchet distance.
+
+For one embedded teacher and a few methods (by default 4-step consistency against 4-step DMD2):
+train each method's recipe with the in-training evaluation on (``train.eval_every``,
+``train.eval_num`` samples, the toolkit's own few-step sampler), score the teacher (50 steps,
+CFG 5) on exactly that protocol (same prompts, seeds, reference, feature space and sample
+count, so that the finite-sample bias of FD is shared), and report per method the training
+seconds (``train_seconds`` in ``eval.jsonl``: time inside the training step only, no
+evaluation or checkpoints) at the first evaluation with FD <= ``--factor`` x the teacher's.
+
+    python benchmarks/time_to_quality.py --teacher sd --methods lcm tcd dmd2_4step
+
+Writes ``benchmarks/results/time_to_quality_<teacher>.json`` and a plot of FD / teacher FD
+against training seconds beside it. Distances are in EfficientNet-Lite0 ImageNet feature space
+(128 px): NOT Inception FIDs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for p in (ROOT, HERE):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+TEACHER_STEPS, TEACHER_GUIDANCE = 50, 5.0  # the leaderboard's teacher row
+
+
+def main(argv=None):
+    import torch
+    from leaderboard import METHODS
+
+    from diffusion_distill.eval.protocol import Protocol, evaluate_loaded, load_model, write_json
+    from diffusion_distill.recipe import load_recipe
+    from diffusion_distill.train import train
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", default="sd", choices=["sd", "sd3"])
+    p.add_argument("--methods", nargs="+", default=["lcm", "tcd", "dmd2_4step"],
+                   choices=list(METHODS))
+    p.add_argument("--steps", type=int, default=300, help="training steps per method")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-num", type=int, default=128, help="samples per evaluation")
+    p.add_argument("--factor", type=float, default=1.5, help="the target: FD <= factor x teacher")
+    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "time_to_quality"),
+                   help="where the runs go (a finished run is reused)")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    a = p.parse_args(argv)
+    if a.eval_every < 1 or a.steps < a.eval_every:
+        p.error(f"--eval-every {a.eval_every} must be >= 1 and at most --steps {a.steps}")
+
+    protocol = Protocol(num=a.eval_num, prompts_kind="single")
+    teacher_row, _ = evaluate_loaded(load_model(f"embedded:{a.teacher}"), protocol,
+                                     steps=TEACHER_STEPS, guidance=TEACHER_GUIDANCE,
+                                     progress=False)
+    teacher_fd = teacher_row["fd"]
+    print(f"[time_to_quality] teacher {a.teacher}, {TEACHER_STEPS} steps CFG "
+          f"{TEACHER_GUIDANCE}: FD {teacher_fd:.2f} on {a.eval_num} samples", flush=True)
+
+    methods = {}
+    for method in a.methods:
+        stem = METHODS[method].format(t=a.teacher)
+        run_dir = os.path.join(a.runs, stem)
+        recipe = load_recipe(os.path.join(ROOT, "recipes", stem + ".yaml"), [
+            f"train.steps={a.steps}", f"train.eval_every={a.eval_every}",
+            f"train.eval_num={a.eval_num}", "output.export=false", f"output.dir={run_dir}"])
+        train(recipe)
+        with open(os.path.join(run_dir, "eval.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        if not rows or "train_seconds" not in rows[-1]:
+            raise SystemExit(f"{run_dir}/eval.jsonl has no train_seconds: a run made before the "
+                             "toolkit logged them; give another --runs folder")
+        curve = [{"step": r["step"], "train_seconds": r["train_seconds"], "fd": r["fd"],
+                  "fd_ratio": r["fd"] / teacher_fd, "fd_teacher": r.get("fd_teacher"),
+                  "alignment": r["alignment"]["whole_prompt"], "recall": r["recall"]}
+                 for r in rows]
+        reached = next((c for c in curve if c["fd_ratio"] <= a.factor), None)
+        best = min(curve, key=lambda c: c["fd_ratio"])
+        methods[method] = {
+            "recipe": f"recipes/{stem}.yaml", "student_steps": recipe["student"]["num_steps"],
+            "reached": reached is not None,
+            "train_seconds_to_target": reached["train_seconds"] if reached else None,
+            "step_to_target": reached["step"] if reached else None,
+            "best_fd_ratio": best["fd_ratio"], "best_step": best["step"], "curve": curve}
+        print(f"[time_to_quality] {method}: " + (
+            f"FD <= {a.factor}x teacher at step {reached['step']}, "
+            f"{reached['train_seconds']:.0f} s of training" if reached else
+            f"not within {a.factor}x in {a.steps} steps") +
+            f" (best {best['fd_ratio']:.2f}x at step {best['step']})", flush=True)
+
+    result = {
+        "what": f"training seconds until FD <= {a.factor}x the teacher's",
+        "command": "python benchmarks/time_to_quality.py " + " ".join(
+            sys.argv[1:] if argv is None else argv),
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch "
+                   f"{torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}",
+        "feature_space": teacher_row.get("feature_space"), "num_samples": a.eval_num,
+        "teacher": {"name": a.teacher, "steps": TEACHER_STEPS, "guidance": TEACHER_GUIDANCE,
+                    "fd": teacher_fd, "alignment": teacher_row["alignment"]["whole_prompt"],
+                    "recall": teacher_row["recall"]},
+        "factor": a.factor, "methods": methods}
+    out = os.path.join(a.out, f"time_to_quality_{a.teacher}.json")
+    write_json(out, result)
+    _plot(result, out[:-len(".json")] + ".png")
+    print(f"[time_to_quality] -> {out}")
+    return 0
+
+
+def _plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in result["methods"].items():
+        ax.plot([c["train_seconds"] for c in m["curve"]], [c["fd_ratio"] for c in m["curve"]],
+                marker="o", label=f"{name} ({m['student_steps']} steps)")
+    ax.axhline(result["factor"], color="gray", ls="--", lw=1, label=f"{result['factor']}x teacher")
+    ax.axhline(1.0, color="black", lw=1, label="teacher (50 steps, CFG 5)")
+    ax.set_xlabel("training seconds (2 CPU cores)" if "CUDA no" in result["machine"]
+                  else "training seconds")
+    ax.set_ylabel(f"FD / teacher FD ({result['num_samples']} samples)")
+    ax.set_title(f"embedded {result['teacher']['name']}: time to quality")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
