@@ -78,7 +78,8 @@ def main(argv=None):
                              "toolkit logged them; give another --runs folder")
         curve = [{"step": r["step"], "train_seconds": r["train_seconds"], "fd": r["fd"],
                   "fd_ratio": r["fd"] / teacher_fd, "fd_teacher": r.get("fd_teacher"),
-                  "alignment": r["alignment"]["whole_prompt"], "recall": r["recall"]}
+                  "alignment": r["alignment"]["whole_prompt"], "recall": r["recall"],
+                  "worst_share": r["alignment"].get("worst_share")}
                  for r in rows]
         reached = next((c for c in curve if c["fd_ratio"] <= a.factor), None)
         best = min(curve, key=lambda c: c["fd_ratio"])

@@ -113,7 +113,7 @@ def test_training_curves_come_from_run_logs(tmp_path):
     run = tmp_path / "run"
     (run / "export").mkdir(parents=True)
     rows = [{"step": s, "fd": 100.0 / s, "fd_teacher": 50.0 / s, "recall": s / 600,
-             "alignment": {"whole_prompt": s / 400}}
+             "alignment": {"whole_prompt": s / 400, "worst_share": s / 500}}
             for s in (100, 200, 300)]
     (run / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     logs = run_logs({"exports": [{"name": "dmd2", "path": str(run / "export")},

@@ -77,6 +77,20 @@ def test_score_alignment_api():
         score_alignment(images, labels[:3])
 
 
+def test_class_shares_show_a_collapsed_sampler():
+    _, labels = eval_prompts("single", 48)
+    images = render_prompts(labels)
+    fair = score_alignment(images, labels)
+    shapes = fair["shares"]["shape"]
+    assert abs(sum(c["asked"] for c in shapes.values()) - 1) < 1e-9
+    assert fair["worst_share"] > 0.8  # real renders: every class about as often as asked
+    # A "student" that draws every prompt as the first prompt's image: one shape for all.
+    collapsed = score_alignment(images[:1].expand(len(labels), -1, -1, -1), labels)
+    top = labels[0]["shape"]
+    assert collapsed["shares"]["shape"][top]["got"] == 1.0
+    assert collapsed["worst_share"] == 0.0  # the other classes are never produced
+
+
 def test_repeated_token_attention_equals_full_context():
     from diffusion_distill.teachers import teacher_from_pipeline
     from diffusion_distill.world.teachers import (

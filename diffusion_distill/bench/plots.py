@@ -29,8 +29,8 @@ def plots(rows: list[dict], out: str, logs: dict | None = None, log=print) -> li
     """The report's figures (PNG, matplotlib):
 
     * ``metrics_vs_nfe.png``: FD, alignment and recall against NFE, a line per model;
-    * ``fd_vs_step.png``: FD, FD to the teacher, alignment and recall of each student during
-      training, from run logs;
+    * ``fd_vs_step.png``: FD, FD to the teacher, alignment, recall and the worst class share
+      (mode coverage) of each student during training, from run logs;
     * ``alignment_vs_recall.png``: prompt following against diversity, a point per cell;
     * ``speedup_vs_nfe.png``: measured speedup over the teacher beside the NFE ratio.
     The real-data row is drawn as the floor (dashed) where it applies.
@@ -51,7 +51,9 @@ def plots(rows: list[dict], out: str, logs: dict | None = None, log=print) -> li
     models = list(dict.fromkeys(r["model"] for r in scored))
 
     def value(r, m):
-        return (r.get("alignment") or {}).get("whole_prompt") if m == "alignment" else r.get(m)
+        if m in ("alignment", "worst_share"):  # both come from the attribute classifier
+            return (r.get("alignment") or {}).get("whole_prompt" if m == "alignment" else m)
+        return r.get(m)
 
     def save(fig, name):
         fig.tight_layout()
@@ -118,6 +120,9 @@ def plots(rows: list[dict], out: str, logs: dict | None = None, log=print) -> li
         if any(r.get("fd_teacher") is not None for v in curves.values() for r in v):
             panels.append(("fd_teacher", "FD to the teacher's samples during training"))
         panels += [("alignment", "alignment during training"), ("recall", "recall")]
+        if any(value(r, "worst_share") is not None for v in curves.values() for r in v):
+            # mode coverage: the class produced least often, as a fraction of how often asked
+            panels.append(("worst_share", "worst class share (got / asked)"))
         fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6))
         for name, log_rows in curves.items():
             for ax, (m, _) in zip(axes, panels):

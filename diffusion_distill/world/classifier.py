@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import time
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -208,7 +209,14 @@ def score_alignment(images: torch.Tensor, labels: list[dict],
             not state (``None``, or ``said_size=False``) are not scored.
 
     Returns ``{"per_attribute": {name: accuracy}, "whole_prompt": accuracy, "per_sample":
-    [bool, ...], "n": N}``; pair attributes are reported as ``pair.axis``, ``pair.shape_a``...
+    [bool, ...], "n": N, "shares": ..., "worst_share": ...}``; pair attributes are reported as
+    ``pair.axis``, ``pair.shape_a``...
+
+    ``shares[name][value]`` = ``{"asked": fraction of the scored prompts asking for value,
+    "got": fraction of their images classified as value}``: mode coverage per class (a
+    collapsed student over-produces some classes and starves others whatever its prompts say).
+    ``worst_share`` is the smallest ``got / asked`` over every class asked for (1: each class as
+    often as asked; 0: a class never produced).
     """
     if len(images) != len(labels):
         raise ValueError(f"got {len(images)} images but {len(labels)} labels; pass one labels "
@@ -217,6 +225,8 @@ def score_alignment(images: torch.Tensor, labels: list[dict],
         raise ValueError(f"images must be (N, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
     preds = predict(images, model)
     hits: dict[str, list[bool]] = {}
+    asked: dict[str, Counter] = {}
+    got: dict[str, Counter] = {}
     per_sample = []
     for i, lab in enumerate(labels):
         values = dict(lab)
@@ -230,11 +240,20 @@ def score_alignment(images: torch.Tensor, labels: list[dict],
             right = preds[k][i] == v
             name = f"pair.{k}" if lab["kind"] == "pair" and k != "count" else k
             hits.setdefault(name, []).append(right)
+            asked.setdefault(name, Counter())[v] += 1
+            got.setdefault(name, Counter())[preds[k][i]] += 1
             ok = ok and right
         per_sample.append(ok)
+    shares = {name: {str(value): {"asked": asked[name][value] / len(hits[name]),
+                                  "got": got[name][value] / len(hits[name])}
+                     for value in sorted(set(asked[name]) | set(got[name]), key=str)}
+              for name in sorted(hits)}
+    ratios = [c["got"] / c["asked"] for per in shares.values() for c in per.values()
+              if c["asked"] > 0]
     return {"per_attribute": {k: sum(v) / len(v) for k, v in sorted(hits.items())},
             "whole_prompt": sum(per_sample) / max(1, len(per_sample)),
-            "per_sample": per_sample, "n": len(per_sample)}
+            "per_sample": per_sample, "n": len(per_sample), "shares": shares,
+            "worst_share": min(ratios) if ratios else None}
 
 
 def main(argv=None):
