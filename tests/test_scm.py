@@ -4,7 +4,10 @@
 directional derivative (a toy MLP, one with dropout, and a tiny diffusers UNet with an active
 LoRA); the TrigFlow time map is the closed form for flow; (b) on the 2-D toy the 1-step samples
 move toward the teacher's; (c) a tiny SD (epsilon) and SD3 (flow) teacher train, export, and
-plain diffusers with the export's LoRA and scheduler reproduces the toolkit's own samples.
+plain diffusers with the export's LoRA and scheduler reproduces the toolkit's own samples;
+(d) rCM's score regularisation (``score_regularization``): a critic role only when it is on, its
+loss terms, its critic learning on a tiny SD3, and on the toy a regularised student that goes
+past plain sCM's plateau with every mode kept.
 """
 import json
 import math
@@ -22,7 +25,7 @@ from diffusion_distill.train import build_optimizers, setup_run, train, train_st
 from diffusion_distill.world.toy2d import energy_distance, toy_teacher
 
 
-def _toy_run(method, schedule="flow", steps=1, lr=3e-4, network=None):
+def _toy_run(method, schedule="flow", steps=1, lr=3e-4, network=None, lr_critic=None):
     torch.manual_seed(0)
     teacher = toy_teacher(k=8, var=0.02, schedule=schedule)
     recipe = load_recipe({
@@ -32,11 +35,13 @@ def _toy_run(method, schedule="flow", steps=1, lr=3e-4, network=None):
         # a cosine decay to 5%: the normalised tangent gives every sample a unit-size
         # gradient, and a constant rate keeps the samples wandering around the target
         "train": {"steps": steps, "batch_size": 128, "lr": lr, "lr_final": 0.05,
-                  "ema_decay": None, "device": "cpu"},
+                  "lr_critic": lr_critic, "ema_decay": None, "device": "cpu"},
         "output": {"dir": "/nonexistent"}})
     torch.manual_seed(0)
-    student = network if network is not None else EDMMLP(teacher.schedule)
-    _, objective, nets = setup_run(recipe, "cpu", teacher, {"student": student})
+    networks = {"student": network if network is not None else EDMMLP(teacher.schedule)}
+    if method.get("score_regularization"):  # rCM's fake score: its own toy network
+        networks["critic"] = EDMMLP(teacher.schedule)
+    _, objective, nets = setup_run(recipe, "cpu", teacher, networks)
     return teacher, recipe, objective, nets
 
 
@@ -227,3 +232,148 @@ def test_recipes_load():
         assert type(objective).__name__ == "SCM" and nets.params("student")
         assert objective.needs_data and recipe["data"]["source"] == "world"
         assert objective.sampler().num_steps == recipe["student"]["num_steps"]
+
+
+# -- (d) rCM's score regularisation ------------------------------------------------------------
+
+def test_without_score_regularization_there_is_no_critic(tiny_sd_path, tmp_path):
+    for method in ({"name": "scm"}, {"name": "scm", "score_regularization": 0.0}):
+        objective = build_objective(method)
+        assert objective.roles == ("student",) and objective.score_regularization == 0.0
+    assert build_objective({"name": "scm", "score_regularization": 0.01}).roles == \
+        ("student", "critic")
+    with pytest.raises(ValueError, match="score_regularization"):
+        build_objective({"name": "scm", "score_regularization": -0.1})
+    # on a diffusers teacher: no critic adapter on the base, and a step yields the student only
+    recipe = load_recipe(tiny_recipe(tiny_sd_path, tmp_path, method={"name": "scm"}))
+    _, objective, nets = setup_run(recipe)
+    assert nets.roles.trainable == ["student"]
+    assert "critic" not in nets.roles.backbone.peft_config
+    from diffusion_distill.train import Randomness, StepContext
+
+    ctx = StepContext(0, 0, Randomness(0, 0, 0), 1, 4)
+    batch = {"cond": nets.teacher_model.prompts(["a red circle"] * 2),
+             "x0": torch.randn(2, *nets.teacher_model.latent_shape)}
+    assert [role for role, _ in objective(nets, batch, ctx)] == ["student"]
+    assert "dmd" not in ctx.logs and "critic_denoise" not in ctx.logs
+
+
+def test_score_regularization_trains_a_critic_and_adds_the_dmd_term(tiny_sd3_path, tmp_path):
+    lam = 0.01
+    method = {"name": "scm", "warmup_steps": 0, "score_regularization": lam, "critic_steps": 2}
+    recipe = tiny_recipe(tiny_sd3_path, tmp_path / "run", method=method, steps=16, lr=1e-3,
+                         checkpoint_every=16)
+    recipe["data"] = {"source": "world", "resolution": 16}
+    run_dir, nets = train(recipe, progress=False, return_nets=True)
+    objective = build_objective(method, student_times=[1.0])
+    assert objective.roles == ("student", "critic")
+    assert sorted(nets.roles.trainable) == ["critic", "student"]
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    student_rows = [r for r in rows if "loss/student" in r]
+    assert [r["step"] for r in student_rows] == list(range(1, 17, 2))  # every 2nd step
+    assert all("loss/critic" in r for r in rows)  # the critic trains on every step
+    for r in student_rows:  # the student's loss is both terms: sCM + lambda DMD
+        assert math.isfinite(r["scm"]) and r["dmd"] > 0 and r["dmd_grad_norm"] > 0
+        assert r["loss/student"] == pytest.approx(r["scm"] + lam * r["dmd"], rel=1e-4)
+    assert not any("dmd" in r for r in rows if "loss/student" not in r)
+    # the critic adapter trained (its B matrices start at 0); that it learns the student's
+    # samples is measured on the toy (test_score_regularization_goes_past_the_scm_plateau...)
+    assert any(p.abs().sum() > 0 for n, p in nets.roles.backbone.named_parameters()
+               if "lora_B" in n and ".critic." in n)
+    # the export is the student's alone and plain diffusers still reproduces it
+    export = os.path.join(run_dir, "export")
+    with open(os.path.join(export, "distill_config.json")) as f:
+        config = json.load(f)
+    assert config["scheduler"]["class"] == "FlowMatchEulerDiscreteScheduler"
+    reproduces_through_diffusers(export, config, nets, objective, (1,), True)
+
+
+def _toy_training(method, schedule, steps, lr=3e-4, lr_critic=None):
+    """(objective, nets, teacher, energy distance before, after, mode shares after, logs, the
+    critic's initial weights) of a 1-step sCM / rCM student on the toy; the student (and rCM's
+    critic) start as the teacher."""
+    import copy
+
+    from diffusion_distill.world.toy2d import ring_means
+
+    teacher, recipe, objective, nets = _toy_run(method, schedule, steps, lr=lr,
+                                                lr_critic=lr_critic)
+    _fit_to_teacher(nets, teacher, 800)
+    if "critic" in objective.roles:  # the fake score starts as the (fitted) teacher, as in rCM
+        nets.roles.networks["critic"].load_state_dict(nets.roles.networks["student"].state_dict())
+    initial = {role: copy.deepcopy(net.state_dict()) for role, net in nets.roles.networks.items()
+               if role == "critic"}
+    mixture = teacher.denoiser.backbone.fn
+    data = mixture.sample(1000, torch.Generator().manual_seed(1))
+    optimizers = build_optimizers(objective, nets, recipe["train"])
+
+    def batches(rng, n):
+        return {"prompts": [""] * n, "cond": teacher.prompts([""] * n),
+                "x0": mixture.sample(n, generator=rng.gen)}
+
+    def quality():
+        x = generate(nets, [""] * 1000, objective.sampler(1), torch.Generator().manual_seed(2),
+                     ema=False)
+        nearest = torch.cdist(x, ring_means(8)).argmin(1)
+        return energy_distance(x, data), torch.bincount(nearest, minlength=8).float() / len(x)
+
+    before, _ = quality()
+    logs = [train_step(objective, nets, optimizers, batches, step, recipe["train"], 128)
+            for step in range(steps)]
+    after, shares = quality()
+    return objective, nets, teacher, before, after, shares, logs, initial.get("critic")
+
+
+def test_score_regularization_goes_past_the_scm_plateau_and_keeps_every_mode():
+    # plain sCM as test (b) trains it: 400 student updates
+    *_, scm_before, scm_after, _, _, _ = _toy_training(
+        {"name": "scm", "sigma_data": 1.4, "warmup_steps": 100}, "flow", 400)
+    # rCM: the same warm-up, then a student step (sCM + lambda DMD) every 5th step: 280 student
+    # updates in 1000 steps. lambda 1: on this 2-D toy the paper's 0.01 leaves the DMD term a
+    # percent of the sCM one and the run lands where plain sCM does (docs/consistency.md)
+    method = {"name": "scm", "sigma_data": 1.4, "warmup_steps": 100,
+              "score_regularization": 1.0, "critic_steps": 5}
+    _, _, _, before, after, shares, logs, _ = _toy_training(method, "flow", 1000)
+    print(f"\nsCM 1-step toy: energy {scm_before:.4f} -> {scm_after:.4f}; rCM (lambda 1): "
+          f"{before:.4f} -> {after:.4f}, mode shares {[round(float(v), 3) for v in shares]}")
+    assert before > 0.3 and abs(before - scm_before) < 1e-6  # the same start
+    assert after < 0.5 * before, (before, after)
+    assert shares.min() > 0.06, shares  # every one of the 8 modes (uniform: 0.125)
+    assert after < 0.5 * scm_after, (scm_after, after)  # past plain sCM's plateau
+    student = [row for row in logs if "dmd" in row]
+    assert len(student) == 180 and all(math.isfinite(row["dmd"]) for row in student)
+    assert not any("loss/critic" in row for row in logs[:100])  # no critic in the warm-up
+
+
+def test_the_critic_learns_the_students_own_samples_on_the_toy():
+    """rCM's critic (the toy's own network, starting as the fitted teacher) trains on the
+    student's rollouts: its denoising loss on a fixed batch of them (fixed times and noise)
+    falls. The student barely moves here (lr 1e-7), so its samples stay the teacher's collapsed
+    1-step posterior mean, which the teacher itself denoises badly."""
+    from diffusion_distill.objectives.common import critic_denoising_loss
+    from diffusion_distill.train import Randomness, StepContext
+
+    method = {"name": "scm", "sigma_data": 1.4, "warmup_steps": 0, "score_regularization": 0.01,
+              "critic_steps": 5}
+    objective, nets, teacher, before, after, _, logs, initial_critic = _toy_training(
+        method, "flow", 150, lr=1e-7, lr_critic=1e-3)
+    assert sum("loss/critic" in row for row in logs) == 150
+    assert sum("loss/student" in row for row in logs) == 30
+    cond = teacher.prompts([""] * 2000)
+
+    def critic_loss():
+        ctx = StepContext(0, 0, Randomness(123, 0, 0), 1, 1)
+        with torch.no_grad():
+            fake = objective.rollout(nets, cond, ctx, grad=False, device="cpu")
+            t = objective.critic_time(nets.schedule, len(cond), ctx, "cpu")
+            return float(critic_denoising_loss(nets, fake, cond, t, ctx))
+
+    trained = critic_loss()
+    nets.roles.networks["critic"].load_state_dict(initial_critic)
+    initial = critic_loss()
+    print(f"\ntoy critic denoising loss on the student's samples: {initial:.4f} (as it "
+          f"started: the teacher) -> {trained:.4f} (trained 150 steps); student energy "
+          f"{before:.4f} -> {after:.4f}")
+    assert abs(after - before) < 0.05 * before  # the samples it learned are still the student's
+    assert trained < 0.7 * initial, (initial, trained)  # measured: 0.409 -> 0.224

@@ -45,11 +45,52 @@ forward-mode AD fails. The loss arithmetic is float64 (METHODS.md; FastGen does 
 Time sampling: ``tan(s) = e^tau / sd``, ``tau ~ N(P_mean, P_std^2)``: EDM's sigma lognormal
 (the paper's -1.0, 1.4), clipped to [2e-3, the schedule's largest] and mapped to u by bisection.
 Adaptive weighting (the paper's learned ``w_phi(s)``, loss ``e^{-w} L + w``) is optional and off
-by default; so is the prior weighting ``1 / (sd tan s)``. rCM's score regulariser is not
-implemented. The student is sampled with the consistency models' multistep sampler (x0, then
-fresh noise to the next time): :class:`~diffusion_distill.samplers.StudentSampler` itself,
+by default; so is the prior weighting ``1 / (sd tan s)``. The student is sampled with the
+consistency models' multistep sampler (x0, then fresh noise to the next time): :class:`~diffusion_distill.samplers.StudentSampler` itself,
 rendered as LCMScheduler without a boundary condition (VP) or stochastic
 FlowMatchEulerDiscreteScheduler (flow), the same sampler ECT exports.
+
+rCM's score regularisation (``score_regularization`` = lambda > 0; Zheng et al. 2025, "Large
+Scale Diffusion Distillation via Score-Regularized Continuous-Time Consistency", arXiv
+2510.08431; 0, the default, is plain sCM with no critic role). The paper's sec. 4.1 adds a
+DMD term, its eq. 6, to the sCM loss (its eq. 4)::
+
+    L_rCM = L_sCM + lambda L_DMD,
+    L_DMD = || x0 - sg(x0 - (f_fake(x_tD) - f_teacher(x_tD)) / mean|x0 - f_teacher(x_tD)|) ||^2
+
+with x0 the student's own sample re-noised to ``x_tD``, ``tD ~ p_D``, and a fake score
+(here the ``critic`` role: a LoRA adapter on the shared frozen base, like DMD's) trained by
+denoising on the detached student samples (the paper's flow-matching loss: here
+:func:`~.common.critic_denoising_loss`, the backbone's own output space, at ``tD ~ p_D``). The
+direction and its normaliser are :func:`~.common.dm_direction` (the teacher guided as in the
+sCM term, the critic unguided). Where each default was read:
+
+* ``lambda = 0.01``: sec. 4.1, "we find lambda = 0.01 generalizes across our used models and
+  tasks". Both norms in the paper are sums over the D elements; here both terms are means
+  (the sCM term already was), so lambda weighs them alike: the DMD term is
+  ``mean((x0/sd - sg(x0/sd - grad))^2)`` (= ``2 * surrogate_loss(x0 / sd, grad)``), x0 in
+  units of sd as the paper's TrigFlow data ("we absorb sigma_d into x0 itself", its footnote 2)
+  and as the sCM term's ``F`` differences are.
+* Where the DMD sample comes from: the paper's "rollout strategy" (sec. 4.1, Algorithm 1
+  lines 9-11 and 17-19): the student's own multistep sample from pure noise, ``t_1`` = pure
+  noise (toolkit u = 1), ``N ~ U{1..N_max}`` steps, ``t_n = min(t^_n, t_{n-1})`` with ``t^_n ~
+  p_D`` (monotone, random times: "CM should explore the entire time range"), x0 re-noised with
+  fresh noise between steps, gradients only through the last step; ``N_max = 4``
+  (``max_simulation_steps``; Table 4, every model). Not the real data the sCM term noises.
+  (Through :func:`~.common.student_output_at_step` with per-sample times.)
+* ``p_D``: Table 4 (the Cosmos T2I models): ``log tan t ~ N(0.0, 1.6^2)`` for data scaled to
+  unit sigma_d; here ``D_mean``, ``D_std`` of EDM's sigma ``sd tan s`` as ``P_mean``, ``P_std``
+  are, which is the same for sd = 1 (the embedded recipes). (The paper's p_G, N(-0.8, 1.6^2)
+  there, is not made the default: P_mean, P_std stay sCM's.)
+* The alternation (Algorithm 1, Table 4's student update frequency F = 5; 10 for Wan 14B):
+  after the tangent warm-up every ``critic_steps``-th step is a student step (sCM +
+  lambda DMD), and the critic trains on every step, on the student step with the rollout the
+  DMD term used (DMD2's arrangement here, so ``critic_steps`` means what it means for
+  ``dmd2``: 5 critic updates per student update where the paper's Algorithm 1 makes 4).
+  During the warm-up (``r < 1``) every step is a plain sCM student step and the critic does
+  not train (Algorithm 1 line 8; the paper's T2I runs have no warm-up, Table 4: H = 0, so
+  ``warmup_steps: 0`` follows them). The critic's learning rate is ``train.lr_critic`` (the
+  role settings' default for a ``critic``; Table 4: a fifth of the student's).
 """
 from __future__ import annotations
 
@@ -60,7 +101,17 @@ import torch
 from torch import nn
 
 from . import Objective
-from .common import AnyStepCount, bcast, edm_sigma, seeded, time_of_edm_sigma
+from .common import (
+    AnyStepCount,
+    bcast,
+    critic_denoising_loss,
+    dm_direction,
+    edm_sigma,
+    seeded,
+    student_output_at_step,
+    surrogate_loss,
+    time_of_edm_sigma,
+)
 
 TANGENTS = ("jvp", "finite_difference")
 TANGENT_NORMS = ("l2", "rms", "none")
@@ -102,6 +153,13 @@ class SCM(AnyStepCount, Objective):
         adaptive_weighting: learn ``w_phi(s)`` with the student (loss ``e^{-w} L + w``).
         prior_weighting: weight each sample by ``1 / (sd tan s)``.
         sample_steps: step counts the export serves (evenly spaced times, re-noised between).
+        score_regularization: rCM's lambda (module docstring; the paper's 0.01); 0 is plain
+            sCM and declares no critic role.
+        critic_steps: with the regulariser, critic updates per student update after the
+            warm-up (the student steps every critic_steps-th step; the paper's F = 5).
+        max_simulation_steps: N_max of the DMD term's student rollout (the paper's 4).
+        D_mean, D_std: EDM sigma ``sd tan s`` lognormal for the DMD term's and the critic's
+            times (the paper's p_D: 0.0, 1.6).
     """
 
     name = "scm"
@@ -112,6 +170,8 @@ class SCM(AnyStepCount, Objective):
                  tangent_c: float = 0.1, tangent_norm: str = "l2",
                  adaptive_weighting: bool = False, prior_weighting: bool = False,
                  sample_steps: list[int] | None = None, student_times: list[float] | None = None,
+                 score_regularization: float = 0.0, critic_steps: int = 5,
+                 max_simulation_steps: int = 4, D_mean: float = 0.0, D_std: float = 1.6,
                  total_steps: int | None = None):
         if tangent not in TANGENTS:
             raise ValueError(f"tangent must be one of {TANGENTS} (jvp: torch.func.jvp; "
@@ -128,6 +188,16 @@ class SCM(AnyStepCount, Objective):
         self.warmup_steps = int(warmup_steps)
         self.tangent_c, self.tangent_norm = float(tangent_c), tangent_norm
         self.adaptive_weighting, self.prior_weighting = adaptive_weighting, prior_weighting
+        if not (score_regularization >= 0 and critic_steps >= 1 and max_simulation_steps >= 1
+                and D_std > 0):
+            raise ValueError(f"need score_regularization >= 0, critic_steps >= 1, "
+                             f"max_simulation_steps >= 1 and D_std > 0, got {score_regularization}, "
+                             f"{critic_steps}, {max_simulation_steps}, {D_std}")
+        self.score_regularization = float(score_regularization)
+        self.critic_steps, self.max_simulation_steps = int(critic_steps), int(max_simulation_steps)
+        self.D_mean, self.D_std = float(D_mean), float(D_std)
+        # plain sCM trains the student alone: no critic adapter, checkpoints and exports as before
+        self.roles = ("student", "critic") if self.score_regularization > 0 else ("student",)
         self._serve(student_times, sample_steps)
 
     # -- contract -------------------------------------------------------------------------
@@ -150,11 +220,14 @@ class SCM(AnyStepCount, Objective):
         """The tangent warm-up r at ``step``."""
         return 1.0 if self.warmup_steps <= 0 else min(1.0, step / self.warmup_steps)
 
-    def sample_time(self, schedule, n: int, ctx, device):
-        """(u, EDM sigma): ``e^tau``, tau ~ N(P_mean, P_std^2), on the toolkit's axis."""
+    def sample_time(self, schedule, n: int, ctx, device, mean=None, std=None):
+        """(u, EDM sigma): ``e^tau``, tau ~ N(P_mean, P_std^2) (or ``mean``, ``std``), on the
+        toolkit's axis."""
+        mean = self.P_mean if mean is None else mean
+        std = self.P_std if std is None else std
         top = float(edm_sigma(schedule, torch.ones(1)))
         top = top if math.isfinite(top) else 1e3  # flow: sigma/alpha is infinite at u = 1
-        sigma = (self.P_mean + self.P_std * ctx.rng.randn(n)).exp()
+        sigma = (mean + std * ctx.rng.randn(n)).exp()
         sigma = sigma.clamp(MIN_EDM_SIGMA, top).to(device)
         return time_of_edm_sigma(schedule, sigma), sigma
 
@@ -199,7 +272,59 @@ class SCM(AnyStepCount, Objective):
             norm = norm / math.sqrt(g[0].numel())
         return g / bcast(norm + self.tangent_c, g)
 
+    def regularised_step(self, ctx) -> str:
+        """What step ``ctx.step`` is with the score regulariser: ``warmup`` (plain sCM while r
+        < 1), ``student`` (sCM + lambda DMD, then the critic) or ``critic``."""
+        if ctx.step < self.warmup_steps:
+            return "warmup"
+        return "student" if (ctx.step - self.warmup_steps) % self.critic_steps == 0 else "critic"
+
+    def critic_time(self, schedule, n: int, ctx, device):
+        """Times from the paper's p_D (``D_mean``, ``D_std``), on the toolkit's axis."""
+        return self.sample_time(schedule, n, ctx, device, self.D_mean, self.D_std)[0]
+
+    def rollout(self, nets, cond, ctx, grad: bool, device):
+        """The student's own sample for the DMD term and the critic (rCM's rollout): from pure
+        noise, N ~ U{1..max_simulation_steps} steps at monotone times ``t_n = min(t^_n,
+        t_{n-1})``, ``t^_n ~ p_D``, re-noised with fresh noise between steps; a graph only
+        through the last step (when ``grad``)."""
+        n = len(cond)
+        times = [torch.ones(n, device=device)]
+        for _ in range(self.max_simulation_steps - 1):
+            times.append(torch.minimum(self.critic_time(nets.schedule, n, ctx, device), times[-1]))
+        x0, _ = student_output_at_step(nets, cond, times, ctx, grad,
+                                       lambda: ctx.rng.choice(self.max_simulation_steps))
+        return x0
+
     def __call__(self, nets, batch, ctx):
+        if self.score_regularization <= 0:
+            yield "student", self.consistency_loss(nets, batch, ctx)
+            return
+        cond, device = batch["cond"], batch["x0"].device
+        kind = self.regularised_step(ctx)
+        if kind == "warmup":  # rCM's Algorithm 1: no DMD term and no critic during the warm-up
+            yield "student", self.consistency_loss(nets, batch, ctx)
+            return
+        if kind == "student":
+            loss = self.consistency_loss(nets, batch, ctx)
+            x0 = self.rollout(nets, cond, ctx, grad=True, device=device)
+            grad = dm_direction(nets, x0, cond, self.critic_time(nets.schedule, len(cond), ctx,
+                                                                 device), ctx)
+            # ||x0 - sg(x0 - grad)||^2 per element, x0 in units of sd (module docstring)
+            dmd = 2 * surrogate_loss(x0 / self.sigma_data, grad)
+            ctx.log(dmd=dmd, dmd_grad_norm=grad.flatten(1).norm(dim=1).mean())
+            yield "student", loss + self.score_regularization * dmd
+            fake = x0.detach()
+        else:
+            with torch.no_grad():
+                fake = self.rollout(nets, cond, ctx, grad=False, device=device)
+        critic = critic_denoising_loss(nets, fake, cond,
+                                       self.critic_time(nets.schedule, len(cond), ctx, device), ctx)
+        ctx.log(critic_denoise=critic)
+        yield "critic", critic
+
+    def consistency_loss(self, nets, batch, ctx):
+        """The sCM loss (module docstring), logged as ``scm``, ``r``, ``tangent_norm``."""
         cond, x0 = batch["cond"], batch["x0"]
         n, sched, sd = x0.shape[0], nets.schedule, self.sigma_data
         u, sigma_edm = self.sample_time(sched, n, ctx, x0.device)
@@ -231,7 +356,7 @@ class SCM(AnyStepCount, Objective):
             w = nets.extra["student"]["scm_logvar"](sigma_edm.log()).double()
             loss = loss * torch.exp(-w) + w
         ctx.log(scm=per_sample.mean(), r=r, tangent_norm=g_norm.mean())
-        yield "student", loss.mean().float()
+        return loss.mean().float()
 
 
 @contextlib.contextmanager
