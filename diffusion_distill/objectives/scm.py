@@ -46,9 +46,10 @@ Time sampling: ``tan(s) = e^tau / sd``, ``tau ~ N(P_mean, P_std^2)``: EDM's sigm
 (the paper's -1.0, 1.4), clipped to [2e-3, the schedule's largest] and mapped to u by bisection.
 Adaptive weighting (the paper's learned ``w_phi(s)``, loss ``e^{-w} L + w``) is optional and off
 by default; so is the prior weighting ``1 / (sd tan s)``. The student is sampled with the
-consistency models' multistep sampler (x0, then fresh noise to the next time): :class:`~diffusion_distill.samplers.StudentSampler` itself,
-rendered as LCMScheduler without a boundary condition (VP) or stochastic
-FlowMatchEulerDiscreteScheduler (flow), the same sampler ECT exports.
+consistency models' multistep sampler (x0, then fresh noise to the next time):
+:class:`~diffusion_distill.samplers.StudentSampler` itself, rendered as LCMScheduler without a
+boundary condition (VP) or stochastic FlowMatchEulerDiscreteScheduler (flow), the same sampler
+ECT exports.
 
 rCM's score regularisation (``score_regularization`` = lambda > 0; Zheng et al. 2025, "Large
 Scale Diffusion Distillation via Score-Regularized Continuous-Time Consistency", arXiv
