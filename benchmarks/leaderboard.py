@@ -37,11 +37,12 @@ METHODS = {
     "ect": "ect_{t}",
     "scm": "scm_{t}",
     "sid": "sid_{t}",
+    "sid_4step": "sid_{t}_4step",
     "sida": "sida_{t}",
 }
 # One export serves several step counts: each is a row. PCM's 2 phases serve multiples of 2.
 STEPS = {"lcm": [1, 2, 4, 8], "tcd": [1, 2, 4, 8], "pcm": [2, 4, 8], "ect": [1, 2, 4, 8],
-         "scm": [1, 2, 4, 8]}
+         "scm": [1, 2, 4, 8], "sid_4step": [1, 2, 4]}
 TEACHER_GUIDANCE = 5.0
 
 

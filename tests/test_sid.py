@@ -14,7 +14,7 @@ from conftest import tiny_recipe
 from diffusion_distill.objectives import build_objective
 from diffusion_distill.objectives.sid import NonFiniteBatchError, SiD, guidance_scales
 from diffusion_distill.recipe import load_recipe
-from diffusion_distill.samplers import StudentSampler, seeded_global_rng
+from diffusion_distill.samplers import seeded_global_rng
 from diffusion_distill.student import generate
 from diffusion_distill.train import Batches, build_optimizers, setup_run, train, train_step
 from diffusion_distill.world.toy2d import MLPDenoiser, energy_distance, ring_means, toy_teacher
@@ -55,7 +55,11 @@ def _toy(method, tmp_path, steps, num_steps=1, train_cfg=None):
     networks = _networks()
     _, objective, nets0 = setup_run(recipe, "cpu", teacher,
                                     {k: copy.deepcopy(v) for k, v in networks.items()})
-    samplers = {m: StudentSampler(objective.student_times[:m]) for m in range(1, num_steps + 1)}
+    # the objective's own sampler at each k <= K: the first k of the student's times
+    assert objective.servable_steps() == list(range(1, num_steps + 1))
+    samplers = {m: objective.sampler(m) for m in range(1, num_steps + 1)}
+    assert [s.times for s in samplers.values()] == [
+        objective.student_times[:m] for m in range(1, num_steps + 1)]
     before = {m: _quality(nets0, s, data) for m, s in samplers.items()}
     _, nets = train(recipe, progress=False, teacher=teacher, networks=networks, return_nets=True)
     return before, {m: _quality(nets, s, data) for m, s in samplers.items()}
@@ -255,6 +259,18 @@ def test_sid_trains_exports_and_plain_diffusers_reproduces_it(family, tiny_sd_pa
     base = generate(nets, prompts, sampler, [torch.Generator().manual_seed(s) for s in (1, 2)],
                     role="teacher")
     assert not torch.allclose(base, ours, atol=1e-4)
+    # few-step SiD: the same export serves 1 step (its first time, step 1's output), and
+    # plain diffusers reproduces that too from the export's own entry for it
+    assert sorted(config["steps"]) == ["1", "2"]
+    one = build_objective(recipe["method"], student_times=student_times(
+        load_recipe(recipe), nets.teacher_model)).sampler(1)
+    ours_1 = generate(nets, prompts, one, [torch.Generator().manual_seed(s) for s in (1, 2)])
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    with seeded_global_rng(gens if family == "sd3" else None):
+        plain_1 = pipe(prompts, generator=gens, output_type="latent",
+                       **config["steps"]["1"]["call"]).images
+    torch.testing.assert_close(plain_1, ours_1, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ours_1, ours, atol=1e-3)
 
 
 def test_sida_trains_its_gan_head_on_real_data(tiny_sd_path, tmp_path):
@@ -274,7 +290,8 @@ def test_sida_trains_its_gan_head_on_real_data(tiny_sd_path, tmp_path):
     assert not build_objective({"name": "sida", "gan_weight": 0.0}).needs_data
 
 
-@pytest.mark.parametrize("name", ["sid_sd", "sid_sd3", "sid_sd_4step", "sida_sd", "sida_sd3",
+@pytest.mark.parametrize("name", ["sid_sd", "sid_sd3", "sid_sd_4step", "sid_sd3_4step", "sida_sd",
+                                  "sida_sd3",
                                   "hub/sid_sd15"])
 def test_recipes_load(name):
     recipe = load_recipe(name)

@@ -32,7 +32,9 @@ t ~ U[t_min, t_max]; the teacher ("real score") predicts ``y_r = f_phi(x_t)`` an
   mixture of the outputs of all its generation steps: a step index k is drawn per batch, the
   sampler is rolled out to step k without gradients, and step k's x0 is the sample both the
   critic and the generator loss see. The rollout re-noises with fresh noise between steps
-  (SiD-LSG's sampler and the exported LCMScheduler alike).
+  (SiD-LSG's sampler and the exported LCMScheduler alike). Every step's output is a component
+  of the matched mixture, so one K-step student also samples with k < K steps: the first k
+  of its times, stopping at step k's x0 (the export lists 1..K).
 * SiDA (Zhou et al., ICLR 2025): a GAN term on the critic's features against real data; the
   discriminator head (``common.GANHead``) trains with the critic, the student adds
   ``gan_weight * softplus(-logit)`` at its re-noised samples.
@@ -56,6 +58,7 @@ import torch.nn.functional as F
 
 from ..denoiser import Cond
 from ..parameterization import from_x0
+from ..samplers import StudentSampler
 from ..schedules import student_timesteps
 from ..step import NonFiniteLossError
 from . import Objective
@@ -182,6 +185,16 @@ class SiD(Objective):
 
     def student_step(self, ctx) -> bool:
         return ctx.step % (self.critic_steps + 1) == self.critic_steps
+
+    def servable_steps(self) -> list[int]:
+        """1..K: stopping after step k yields step k's output, a component of the mixture the
+        student was trained on (few-step SiD), so one K-step student serves every k <= K."""
+        return list(range(1, len(self.student_times) + 1))
+
+    def sampler(self, num_steps=None):
+        self._check_steps(num_steps)
+        times = self.student_times
+        return StudentSampler(times[:num_steps or len(times)])
 
     def sample_t(self, ctx, n):
         return uniform_t(ctx, n, self.t_min, self.t_max)
