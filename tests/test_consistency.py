@@ -291,7 +291,8 @@ def test_recipes_load():
 
     root = os.path.join(os.path.dirname(__file__), "..", "recipes")
     names = [f"{m}_{f}" for m in ("lcm", "tcd", "pcm", "ect") for f in ("sd", "sd3")]
-    names += ["hub/lcm_sd15", "hub/lcm_sdxl", "hub/lcm_sd3"]
+    names += ["hub/lcm_sd15", "hub/lcm_sdxl", "hub/lcm_sd3", "hub/tcd_sdxl", "hub/pcm_sd15",
+              "hub/pcm_sdxl"]
     for name in names:
         recipe = load_recipe(find_recipe(os.path.join(root, name + ".yaml")))
         if name.startswith("hub/"):  # hub teachers cannot be downloaded here
