@@ -64,7 +64,13 @@ def main(argv=None):
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "leaderboard"),
                    help="where the training runs go (a finished run there is reused)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--plots-only", action="store_true",
+                   help="only redraw convergence_<teacher>.png from the runs in --runs")
     args = p.parse_args(argv)
+    if args.plots_only:
+        for t in args.teachers:
+            convergence_plot(t, args.methods, args.runs, args.out)
+        return
 
     rows = []
     for t in args.teachers:
@@ -112,7 +118,37 @@ def main(argv=None):
     write_json(path, info)  # atomic: an interrupted write keeps the other teacher's rows
     with atomic_file(os.path.join(args.out, "leaderboard.md")) as f:
         f.write(markdown(info))
+    for t in args.teachers:
+        convergence_plot(t, list(METHODS), args.runs, args.out)
     print(markdown(info))
+
+
+def convergence_plot(teacher, methods, runs, out):
+    """``leaderboard/convergence_<teacher>.png``: FD, FD to teacher, alignment, recall and the
+    worst class share against training step for every method's run in ``runs`` (each run's
+    ``eval.jsonl``), where the bench's own ``fd_vs_step.png`` has only its invocation's."""
+    import shutil
+    import tempfile
+
+    from diffusion_distill.bench.plots import plots
+
+    logs = {}
+    for method in methods:
+        path = os.path.join(runs, METHODS[method].format(t=teacher), "eval.jsonl")
+        if os.path.isfile(path):
+            with open(path) as f:
+                logs[method] = [json.loads(line) for line in f if line.strip()]
+    if not logs:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        written = plots([], tmp, logs, log=lambda *_: None)
+        if not written:
+            return None
+        target = os.path.join(out, "leaderboard", f"convergence_{teacher}.png")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.move(written[0], target)
+    print(f"[leaderboard] {target}: training curves of {', '.join(logs)}")
+    return target
 
 
 _MODEL_ORDER = {"real-data": -1, "teacher": 0}  # then the students, in the order they were run

@@ -45,7 +45,9 @@ def plots(rows: list[dict], out: str, logs: dict | None = None, log=print) -> li
             "plots; see results.md and overview.png")
         return []
     written = []
-    space = next((r.get("feature_space") for r in rows if r.get("feature_space")), "?")
+    space = next((r.get("feature_space") for r in [*rows, *(x for v in (logs or {}).values()
+                                                             for x in v)]
+                  if r.get("feature_space")), "?")
     real = next((r for r in rows if r.get("model_kind") == "real" and r.get("complete")), None)
     scored = [r for r in rows if r.get("nfe") and r.get("complete")]
     models = list(dict.fromkeys(r["model"] for r in scored))
