@@ -100,7 +100,8 @@ def main(argv=None):
     # the command, machine and date that made it.
     run = {"date": datetime.date.today().isoformat(),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch "
-                      f"{torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}",
+                      f"{torch.__version__} ({torch.get_num_threads()} threads), CUDA "
+                      f"{'yes' if torch.cuda.is_available() else 'no'}",
            "command": "python benchmarks/leaderboard.py " + " ".join(
                sys.argv[1:] if argv is None else argv)}
     path = os.path.join(args.out, "leaderboard.json")
