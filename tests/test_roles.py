@@ -67,3 +67,33 @@ def test_ema_tracks_the_student():
         roles.update_ema(0.9)
     for e, s in zip(roles.params("ema"), roles.params("student")):
         torch.testing.assert_close(e, s, atol=1e-6, rtol=1e-5)
+
+
+def test_the_quick_switch_computes_what_peft_s_own_switch_does():
+    """Roles switch by setting peft's two per-layer fields (no requires_grad walk); every role
+    then computes exactly what peft's enable_adapters/set_adapter path computes."""
+    for build in (tiny_sd, tiny_sd3):
+        teacher = load_teacher(build())
+        roles = SharedBaseRoles(teacher.backbone, roles=("student", "critic"), rank=4, ema=True)
+        nets = Nets(teacher, roles, guidance=3.0)
+        assert roles._fast_switch
+        _perturb(roles, "student")
+        _perturb(roles, "critic")
+        _perturb(roles, "ema")
+        cond = teacher.prompts(["a red circle"])
+        x_t = torch.randn(1, *teacher.latent_shape)
+        order = ("student", "teacher", "critic", "ema", "student", "critic", "teacher")
+        quick = [nets.x0(r, x_t, 0.6, cond) for r in order]
+        roles._fast_switch = False
+        roles.active = "(forced)"  # so that the next activate really runs peft's path
+        roles.activate("teacher")
+        slow = [nets.x0(r, x_t, 0.6, cond) for r in order]
+        for r, a, b in zip(order, quick, slow):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=r)
+        assert len({round(float(v.sum()), 4) for v in quick[:4]}) == 4  # four different roles
+        # trainable adapters stay trainable, the EMA never is, the base stays frozen
+        assert all(p.requires_grad for r in ("student", "critic") for p in roles.params(r))
+        assert not any(p.requires_grad for p in roles.params("ema"))
+        lora = {id(p) for r in ("student", "critic", "ema") for p in roles.params(r)}
+        assert not any(p.requires_grad for p in teacher.backbone.parameters()
+                       if id(p) not in lora)
