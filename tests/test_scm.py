@@ -162,27 +162,8 @@ def test_jvp_refuses_a_pinned_fused_attention_kernel():
 def test_one_step_samples_move_toward_the_teacher(schedule):
     # sCD starts from the teacher (here a denoising fit to the exact toy teacher), whose own
     # 1-step sample is the collapsed posterior mean; the consistency loss spreads it out.
-    steps = 400
-    teacher, recipe, objective, nets = _toy_run(
-        {"name": "scm", "sigma_data": 1.4, "warmup_steps": 100}, schedule, steps)
-    fit_to_teacher(nets, teacher, 800)
-    mixture = teacher.denoiser.backbone.fn
-    data = mixture.sample(1000, torch.Generator().manual_seed(1))
-    optimizers = build_optimizers(objective, nets, recipe["train"])
-
-    def batches(rng, n):
-        return {"prompts": [""] * n, "cond": teacher.prompts([""] * n),
-                "x0": mixture.sample(n, generator=rng.gen)}
-
-    def distance():
-        x = generate(nets, [""] * 1000, objective.sampler(1), torch.Generator().manual_seed(2),
-                     ema=False)
-        return energy_distance(x, data)
-
-    before = distance()
-    logs = [train_step(objective, nets, optimizers, batches, step, recipe["train"], 128)
-            for step in range(steps)]
-    after = distance()
+    *_, before, after, _, logs, _ = _toy_training(
+        {"name": "scm", "sigma_data": 1.4, "warmup_steps": 100}, schedule, 400)
     print("scm", schedule, "before", before, "after", after)
     assert all(math.isfinite(row["scm"]) for row in logs)
     assert logs[0]["r"] == 0.0 and logs[-1]["r"] == 1.0  # the warm-up ran its course
