@@ -7,6 +7,8 @@ CFG 5) on exactly that protocol (same prompts, seeds, reference, feature space a
 count, so that the finite-sample bias of FD is shared), and report per method the training
 seconds (``train_seconds`` in ``eval.jsonl``: time inside the training step only, no
 evaluation or checkpoints) at the first evaluation with FD <= ``--factor`` x the teacher's.
+The curve starts at step 0, the student as initialised (the teacher's weights under the
+student's own few-step sampler, unguided): a target met there costs no training at all.
 
     python benchmarks/time_to_quality.py --teacher sd --methods lcm tcd dmd2_4step
 
@@ -73,6 +75,15 @@ def main(argv=None):
         train(recipe)
         with open(os.path.join(run_dir, "eval.jsonl")) as f:
             rows = [json.loads(line) for line in f]
+        if rows and rows[0]["step"] != 0:
+            # a run made before the loop evaluated its initialisation: score it here (LoRA
+            # B = 0, so the initial student is the teacher under the student's sampler)
+            from diffusion_distill.build import setup_run
+            from diffusion_distill.train import quick_eval
+
+            teacher, objective, nets = setup_run(recipe, "cpu")
+            rows.insert(0, {**quick_eval(nets, teacher, recipe, objective), "step": 0,
+                            "train_seconds": 0.0})
         if not rows or "train_seconds" not in rows[-1]:
             raise SystemExit(f"{run_dir}/eval.jsonl has no train_seconds: a run made before the "
                              "toolkit logged them; give another --runs folder")

@@ -382,6 +382,18 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress)
     end = min(cfg["steps"], cfg["stop_after"] or cfg["steps"])
     bar = tqdm(range(start, end), initial=start, total=end, desc=f"train {recipe['name']}",
                disable=not (progress and main))
+    def evaluate_now(done):
+        row = quick_eval(nets, teacher, recipe, objective)
+        row.update(step=done, train_seconds=round(train_seconds, 2))
+        with open(os.path.join(run_dir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                              if isinstance(v, float)))
+
+    if cfg["eval_every"] and start == 0 and end > 0 and main:
+        # the starting point of every curve: the student as initialised (LoRA B = 0: the
+        # teacher's weights under the student's own few-step sampler)
+        evaluate_now(0)
     t_last = time.time()
     interval = LogInterval()
     for step in bar:
@@ -405,12 +417,7 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress)
                     writer.add_scalar(k, v, done)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss/")})
         if cfg["eval_every"] and (done % cfg["eval_every"] == 0 or done == end) and main:
-            row = quick_eval(nets, teacher, recipe, objective)
-            row.update(step=done, train_seconds=round(train_seconds, 2))
-            with open(os.path.join(run_dir, "eval.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
-                                                  if isinstance(v, float)))
+            evaluate_now(done)
         if done % cfg["checkpoint_every"] == 0 or done == cfg["steps"]:
             checkpoint(done)
     if writer:

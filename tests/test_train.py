@@ -156,10 +156,13 @@ def test_cheap_evaluation_goes_into_the_run_log(tiny_sd_path, tmp_path):
     run_dir = train(recipe, progress=False)
     with open(os.path.join(run_dir, "eval.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    assert [r["step"] for r in rows] == [2]
-    assert rows[0]["fd"] > 0 and 0 <= rows[0]["recall"] <= 1 and rows[0]["nfe"] == 1
-    assert "efficientnet" in rows[0]["feature_space"]
+    assert [r["step"] for r in rows] == [0, 2]  # the initialisation, then every eval_every
+    last = rows[-1]
+    assert last["fd"] > 0 and 0 <= last["recall"] <= 1 and last["nfe"] == 1
+    assert "efficientnet" in last["feature_space"]
     # FD to the teacher's own samples (its pipeline's sampler, same prompts and seeds) beside
     # FD to the data: two different distances, both finite.
-    assert 0 < rows[0]["fd_teacher"] < float("inf") and rows[0]["fd_teacher"] != rows[0]["fd"]
-    assert rows[0]["train_seconds"] > 0  # training wall time, for time-to-quality curves
+    assert 0 < last["fd_teacher"] < float("inf") and last["fd_teacher"] != last["fd"]
+    # training wall time, for time-to-quality curves: none before the first step
+    assert rows[0]["train_seconds"] == 0 and last["train_seconds"] > 0
+    assert last["fd"] != rows[0]["fd"]  # two steps of training changed the samples
