@@ -230,3 +230,42 @@ def test_recipes_load():
             assert nets.params("student")
             assert objective.needs_data and recipe["data"]["source"] == "world"
         assert objective.sampler().num_steps == recipe["student"]["num_steps"]
+
+
+@pytest.mark.parametrize("method,num_steps,steps", [
+    ({"name": "lcm", "w_min": 2.0, "w_max": 2.0}, 1, 150),
+    ({"name": "tcd", "w_min": 2.0, "w_max": 2.0, "gamma": 0.3}, 1, 150),
+    ({"name": "pcm", "phases": 2, "w_min": 2.0, "w_max": 2.0}, 2, 250),
+], ids=["lcm-1", "tcd-1", "pcm-2"])
+def test_few_step_samples_move_toward_a_diffusers_teachers_own(method, num_steps, steps,
+                                                                tmp_path):
+    """On the embedded SD teacher (a small trained diffusers pipeline): the student's few-step
+    latents move toward the teacher's own 50-step latents (CFG 3 = LCM's w 2 + 1) by more
+    than half of the energy distance they start at (the teacher's weights, few steps)."""
+    from conftest import PROMPTS
+
+    from diffusion_distill.world.toy2d import energy_distance
+
+    recipe = tiny_recipe("embedded:sd", tmp_path / "run", method=method, steps=steps,
+                         lr=1e-3, checkpoint_every=steps)
+    recipe["data"] = {"source": "world", "resolution": 32}
+    recipe["student"]["num_steps"] = num_steps
+    recipe["output"]["export"] = False
+    teacher, objective, initial = setup_run(load_recipe(recipe), "cpu")
+    prompts = (PROMPTS * 64)[:128]
+    noise = torch.randn(128, *teacher.latent_shape, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        reference = torch.cat([teacher.sample(prompts[i:i + 32], guidance=3.0,
+                                              noise=noise[i:i + 32])
+                               for i in range(0, 128, 32)]).flatten(1)
+
+    def distance(nets):
+        x = generate(nets, prompts, objective.sampler(), torch.Generator().manual_seed(3))
+        return float(energy_distance(x.flatten(1), reference))
+
+    before = distance(initial)
+    _, nets = train(load_recipe(recipe), progress=False, return_nets=True)
+    after = distance(nets)
+    print(f"\n{method['name']} {num_steps} step(s), embedded sd: energy {before:.3f} -> "
+          f"{after:.3f}")
+    assert after < 0.5 * before, (before, after)
