@@ -28,7 +28,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # our names for torch's SDPA kernels (``native`` = torch's own choice)
 SDPA_KERNELS = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
-# dispatcher-only backends (need the processors to dispatch, and their package installed)
+# dispatcher-only backends (need the processors to dispatch, their package installed, and a
+# CUDA device: sage and the hub kernels are CUDA kernels, and flex compiles one). The ``_hub``
+# ones fetch their kernel from the Hugging Face Hub on first use (the ``kernels`` package,
+# which recent transformers installs), so offline they work only from a warm cache.
 DISPATCH_ONLY = ("flex", "sage", "flash_hub", "sage_hub")
 BACKENDS = ("native", *SDPA_KERNELS, "xformers", *DISPATCH_ONLY)
 
@@ -69,7 +72,7 @@ def available_backends(device="cpu", backbone=None) -> list[str]:
     found = ["native"] + [name for name, k in SDPA_KERNELS.items() if _sdpa_runs(k, device)]
     if torch.device(device).type == "cuda" and _xformers_installed():
         found.append("xformers")
-    if backbone is not None and _dispatches(backbone):
+    if backbone is not None and torch.device(device).type == "cuda" and _dispatches(backbone):
         from diffusers.models.attention_dispatch import (
             AttentionBackendName,
             _check_attention_backend_requirements,
@@ -80,8 +83,6 @@ def available_backends(device="cpu", backbone=None) -> list[str]:
                 _check_attention_backend_requirements(AttentionBackendName(name))
             except (ValueError, RuntimeError, ImportError):
                 continue
-            if name == "flex" and torch.device(device).type != "cuda":
-                continue  # flex attention compiles a kernel; CPU builds cannot use it here
             found.append(name)
     return found
 
@@ -103,7 +104,13 @@ def set_attention_backend(backbone, backend: str, device="cpu") -> None:
     if backend == "xformers":
         backbone.enable_xformers_memory_efficient_attention()
     elif backend in DISPATCH_ONLY:
-        backbone.set_attention_backend(backend)
+        try:
+            backbone.set_attention_backend(backend)
+        except (ValueError, OSError) as error:  # a hub kernel not in the cache while offline
+            raise ValueError(
+                f"attention backend {backend!r} could not load its kernel ({error}). Download "
+                "it once while online (or unset HF_HUB_OFFLINE), or choose another of: "
+                f"{', '.join(b for b in available if b != backend)}.") from error
     elif backend in SDPA_KERNELS:
         if _dispatches(backbone):
             backbone.set_attention_backend(f"_native_{backend}")
