@@ -12,6 +12,9 @@ Three measurements, each in its own fresh subprocess so that peaks do not mix:
   timed too.
 * ``dmd2_lora_ckpt``: ``dmd2_lora`` with gradient checkpointing of the UNet's blocks
   (``acceleration.enable_gradient_checkpointing``, recomputing under the forward's role).
+* ``dmd2_lora_bf16``: ``dmd2_lora`` on a bfloat16 base (``train.base_dtype: bfloat16``): the
+  UNet is built in bf16, the LoRA roles and their AdamW state stay float32, and the
+  ``Denoiser`` casts the inputs to the base's dtype (no autocast: a CPU measurement).
 * ``dmd2_full``: the same step with three separate full networks (``SeparateRoles``: frozen
   teacher, full student and critic copies, AdamW on both). On a machine that cannot hold it,
   the worker stops before it would pass the memory budget (it never asks for more) and the
@@ -49,7 +52,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 GB = 1e9
-MEASUREMENTS = ("plain_lora", "dmd2_lora", "dmd2_full", "dmd2_lora_ckpt")
+MEASUREMENTS = ("plain_lora", "dmd2_lora", "dmd2_full", "dmd2_lora_ckpt", "dmd2_lora_bf16")
 
 SD15_UNET = {
     "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
@@ -157,13 +160,19 @@ class Monitor:
 
 # -- building the model ------------------------------------------------------------------
 
-def build(small: bool, device: str):
+def build(small: bool, device: str, dtype=None):
     import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     torch.manual_seed(0)
     config = SMALL_UNET if small else SD15_UNET
-    unet = UNet2DConditionModel(**config).to(device)
+    default = torch.get_default_dtype()
+    # born in its dtype: a float32 copy first would be the process's high-water mark
+    torch.set_default_dtype(dtype or default)
+    try:
+        unet = UNet2DConditionModel(**config).to(device)
+    finally:
+        torch.set_default_dtype(default)
     unet.eval()  # no dropout in these UNets anyway; the base stays frozen
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               prediction_type="epsilon", clip_sample=False,
@@ -253,7 +262,9 @@ def timed_steps(step, args, mon):
 
 # -- (b) / (c) DMD2 -----------------------------------------------------------------------
 
-def run_dmd2(args, mon: Monitor, full: bool, checkpointing: bool = False) -> dict:
+def run_dmd2(args, mon: Monitor, full: bool, checkpointing: bool = False,
+             bf16_base: bool = False) -> dict:
+    import torch
 
     from diffusion_distill.denoiser import Cond, Denoiser
     from diffusion_distill.objectives.dmd import DMD2
@@ -264,7 +275,8 @@ def run_dmd2(args, mon: Monitor, full: bool, checkpointing: bool = False) -> dic
     from diffusion_distill.train import build_optimizers, train_step
 
     t_build = time.perf_counter()
-    unet, scheduler, text, uncond_text, latent_shape = build(args.small, args.device)
+    unet, scheduler, text, uncond_text, latent_shape = build(
+        args.small, args.device, torch.bfloat16 if bf16_base else None)
     base_params = count(unet.parameters())
     denoiser = Denoiser(unet, VPSchedule.from_scheduler(scheduler), "epsilon", call_unet,
                         uncond=Cond({"prompt_embeds": uncond_text}), guidance_scale=GUIDANCE)
@@ -369,7 +381,8 @@ def worker(args):
         result = run_plain_lora(args, mon)
     else:
         result = run_dmd2(args, mon, full=args.worker == "dmd2_full",
-                          checkpointing=args.worker == "dmd2_lora_ckpt")
+                          checkpointing=args.worker == "dmd2_lora_ckpt",
+                          bf16_base=args.worker == "dmd2_lora_bf16")
     result.setdefault("completed", True)
     mon.mark("end")
     mon.stop()
@@ -485,8 +498,14 @@ def machine(args) -> dict:
 def parent(args):
     which = args.only or list(MEASUREMENTS)
     results = {name: run_worker(name, args) for name in which}
-    plain, lora, full, ckpt = (results.get(k, {}) for k in MEASUREMENTS)
+    plain, lora, full, ckpt, bf16 = (results.get(k, {}) for k in MEASUREMENTS)
     ratios = {}
+    if bf16.get("peak_gb") and lora.get("peak_gb"):
+        ratios["dmd2_lora_bf16_base_over_dmd2_lora_peak"] = round(
+            bf16["peak_gb"] / lora["peak_gb"], 3)
+        if bf16.get("median_step_seconds") and lora.get("median_step_seconds"):
+            ratios["dmd2_lora_bf16_base_over_dmd2_lora_step_time"] = round(
+                bf16["median_step_seconds"] / lora["median_step_seconds"], 2)
     if ckpt.get("peak_gb") and lora.get("peak_gb"):
         ratios["dmd2_lora_checkpointed_over_dmd2_lora_peak"] = round(
             ckpt["peak_gb"] / lora["peak_gb"], 3)

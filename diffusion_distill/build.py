@@ -15,11 +15,15 @@ from .samplers import snap_to_train_steps
 from .schedules import student_timesteps
 from .student import Nets, SeparateRoles, SharedBaseRoles
 
+# train.base_dtype -> the frozen base's weights (teacher backbone, VAE, text encoders)
+BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 def build_teacher(recipe, device="cpu"):
     from .teachers import load_teacher, teacher_from_pipeline
 
     spec = recipe["teacher"]
+    dtype = BASE_DTYPES[recipe["train"]["base_dtype"]]
     kwargs = {}
     if spec["guidance"] is not None:
         kwargs["guidance_scale"] = spec["guidance"]
@@ -30,10 +34,25 @@ def build_teacher(recipe, device="cpu"):
         import importlib
 
         pipe = getattr(importlib.import_module(module), fn)()
-        teacher = teacher_from_pipeline(pipe, **kwargs)
+        teacher = teacher_from_pipeline(pipe.to(dtype=dtype), **kwargs)
     else:
-        teacher = load_teacher(spec["path"], **kwargs)
+        # loaded in its dtype: a bfloat16 base never exists as a float32 copy in memory
+        teacher = load_teacher(spec["path"], torch_dtype=dtype, **kwargs)
     return teacher.to(device)
+
+
+def cast_base(teacher, base_dtype: str):
+    """A given teacher (``train(teacher=...)``) in the recipe's ``train.base_dtype``."""
+    dtype = BASE_DTYPES[base_dtype]
+    if dtype == torch.float32:
+        return teacher
+    if teacher.pipe is None:
+        raise ValueError(
+            f"train.base_dtype={base_dtype} casts a diffusers pipeline's weights, but this "
+            "teacher is a custom one (no pipeline): cast your own network before wrapping it, "
+            "and leave train.base_dtype at float32.")
+    teacher.pipe.to(dtype=dtype)
+    return teacher
 
 
 def ema_role(recipe, objective: Objective) -> str | None:
@@ -94,7 +113,8 @@ def setup_run(recipe: dict, device="cpu", teacher=None, networks=None):
     ``teacher`` (e.g. a custom teacher) and ``networks`` ({role: module}) replace what the
     recipe's teacher section would build.
     """
-    teacher = build_teacher(recipe, device) if teacher is None else teacher.to(device)
+    teacher = build_teacher(recipe, device) if teacher is None else \
+        cast_base(teacher, recipe["train"]["base_dtype"]).to(device)
     objective = build_objective(recipe["method"], student_times=student_times(recipe, teacher),
                                 total_steps=recipe["train"]["steps"])
     nets = build_nets(recipe, teacher, objective, networks)

@@ -96,9 +96,20 @@ class Denoiser(nn.Module):
         self.embedded_guidance = bool(getattr(call, "embedded_guidance", False))
 
     def raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """The backbone's own output at continuous time ``t``."""
+        """The backbone's own output at continuous time ``t``.
+
+        A low-precision base (``train.base_dtype: bfloat16``) gets its inputs in its own dtype
+        and gives float32 back: everything outside the backbone (the schedule's arithmetic,
+        the losses, the samplers) stays float32.
+        """
         t = _as_batch_time(t, x_t)
-        return self.call(self.backbone, x_t, self.schedule.model_time(t), cond)
+        dtype = _base_dtype(self.backbone)
+        if dtype in (None, x_t.dtype):
+            return self.call(self.backbone, x_t, self.schedule.model_time(t), cond)
+        cond = Cond({k: v.to(dtype) if v.is_floating_point() else v
+                     for k, v in cond.tensors.items()}, cond.batch)
+        out = self.call(self.backbone, x_t.to(dtype), self.schedule.model_time(t), cond)
+        return out.to(x_t.dtype)
 
     def forward(
         self,
@@ -137,6 +148,14 @@ class Denoiser(nn.Module):
     def eps(self, x_t, t, x0):
         alpha, sigma = self.schedule.alpha_sigma(_as_batch_time(t, x_t))
         return eps_from_x0(x0, x_t, alpha, sigma)
+
+
+def _base_dtype(backbone: nn.Module) -> torch.dtype | None:
+    """The dtype of the backbone's own (non-LoRA) weights; None for a weightless callable."""
+    for name, p in backbone.named_parameters():
+        if "lora_" not in name:
+            return p.dtype
+    return None
 
 
 def _as_batch_time(t, x: torch.Tensor) -> torch.Tensor:

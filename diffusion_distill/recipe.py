@@ -81,6 +81,8 @@ DEFAULTS: dict = {
         "ema_decay": 0.99,
         "seed": 0,
         "mixed_precision": "no",   # no | fp16 | bf16 (accelerate)
+        "base_dtype": "float32",   # float32 | bfloat16: the frozen base's weights (the LoRA
+                                   # roles and their optimizer state stay float32)
         "optimizer": "adamw",      # adamw | adamw8bit (bitsandbytes, CUDA only)
         "checkpoint_every": 200,
         "keep_checkpoints": 2,
@@ -252,6 +254,7 @@ _RULES = [
         isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in v),
      "two numbers in [0, 1), e.g. [0.9, 0.999]"),
     ("train.mixed_precision", lambda v: v in ("no", "fp16", "bf16"), "one of no, fp16, bf16"),
+    ("train.base_dtype", lambda v: v in ("float32", "bfloat16"), "float32 or bfloat16"),
     ("train.device", lambda v: v in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
     ("train.optimizer", lambda v: v in ("adamw", "adamw8bit"), "adamw or adamw8bit"),
     ("train.attention", lambda v: v in _attention_backends(),

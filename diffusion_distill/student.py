@@ -87,6 +87,13 @@ class SharedBaseRoles:
         self._layers = [m for m in backbone.modules() if _is_lora_layer(m)]
         self._params = {name: [p for n, p in backbone.named_parameters()
                                if f".{name}." in n and "lora_" in n] for name in names}
+        # peft creates an adapter in its base layer's dtype. On a bfloat16 base the adapters
+        # are kept float32 (and so their AdamW state): updates of lr x grad ~1e-6 vanish in
+        # bf16's 8-bit mantissa. peft casts a layer's input to its LoRA weights' dtype and the
+        # sum back to the base's, so the passes need nothing else.
+        for name in names:
+            for p in self._params[name]:
+                p.data = p.data.float()
         # A switch happens several times per training step (teacher, student, critic passes).
         # peft's enable_adapters/set_adapter walk every adapter's parameters to flip
         # requires_grad, which then has to be undone (module docstring): about 10 ms per
@@ -177,8 +184,9 @@ class SeparateRoles:
             p.requires_grad_(False)
         networks = dict(networks or {})
         for role in roles:
-            # Full fine-tuning starts every role from the teacher, as DMD does.
-            networks.setdefault(role, copy.deepcopy(teacher_backbone))
+            # Full fine-tuning starts every role from the teacher, as DMD does; a trained copy
+            # is float32 even beside a bfloat16 base (AdamW on bf16 weights loses the updates).
+            networks.setdefault(role, copy.deepcopy(teacher_backbone).float())
         if ema:
             networks["ema"] = copy.deepcopy(networks[ema_of])
         self.networks = {TEACHER: teacher_backbone, **networks}

@@ -232,16 +232,19 @@ def test_recipes_load():
         assert objective.sampler().num_steps == recipe["student"]["num_steps"]
 
 
-@pytest.mark.parametrize("method,num_steps,steps", [
-    ({"name": "lcm", "w_min": 2.0, "w_max": 2.0}, 1, 150),
-    ({"name": "tcd", "w_min": 2.0, "w_max": 2.0, "gamma": 0.3}, 1, 150),
-    ({"name": "pcm", "phases": 2, "w_min": 2.0, "w_max": 2.0}, 2, 250),
-], ids=["lcm-1", "tcd-1", "pcm-2"])
+@pytest.mark.parametrize("method,num_steps,steps,base_dtype", [
+    ({"name": "lcm", "w_min": 2.0, "w_max": 2.0}, 1, 150, "float32"),
+    ({"name": "lcm", "w_min": 2.0, "w_max": 2.0}, 1, 150, "bfloat16"),
+    ({"name": "tcd", "w_min": 2.0, "w_max": 2.0, "gamma": 0.3}, 1, 150, "float32"),
+    ({"name": "pcm", "phases": 2, "w_min": 2.0, "w_max": 2.0}, 2, 250, "float32"),
+], ids=["lcm-1", "lcm-1-bf16", "tcd-1", "pcm-2"])
 def test_few_step_samples_move_toward_a_diffusers_teachers_own(method, num_steps, steps,
-                                                                tmp_path):
+                                                                base_dtype, tmp_path):
     """On the embedded SD teacher (a small trained diffusers pipeline): the student's few-step
     latents move toward the teacher's own 50-step latents (CFG 3 = LCM's w 2 + 1) by more
-    than half of the energy distance they start at (the teacher's weights, few steps)."""
+    than half of the energy distance they start at (the teacher's weights, few steps).
+    ``lcm-1-bf16`` trains the float32 LoRA on a bfloat16 base (train.base_dtype) under bf16
+    autocast, against the float32 teacher's reference."""
     from conftest import PROMPTS
 
     from diffusion_distill.world.toy2d import energy_distance
@@ -251,7 +254,10 @@ def test_few_step_samples_move_toward_a_diffusers_teachers_own(method, num_steps
     recipe["data"] = {"source": "world", "resolution": 32}
     recipe["student"]["num_steps"] = num_steps
     recipe["output"]["export"] = False
-    teacher, objective, initial = setup_run(load_recipe(recipe), "cpu")
+    teacher, objective, initial = setup_run(load_recipe(recipe), "cpu")  # float32: reference
+    if base_dtype != "float32":
+        recipe["train"].update(base_dtype=base_dtype, mixed_precision="bf16")
+        initial = setup_run(load_recipe(recipe), "cpu")[2]
     prompts = (PROMPTS * 64)[:128]
     noise = torch.randn(128, *teacher.latent_shape, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
