@@ -1,0 +1,157 @@
+"""Why the 1-step DMD2 student loses shape and diversity: one controlled run per hypothesis.
+
+For one embedded teacher: the DMD2 recipe (``recipes/dmd2_<teacher>.yaml``) is trained once as
+it is and once per hypothesis with exactly one change, at the same budget (training steps,
+batch, seed), with the in-training evaluation on (``train.eval_every``, ``train.eval_num``
+samples, the student's own 1-step sampler). Each run's curve holds FD to the data, FD to the
+teacher's own samples (FID-T of the few-step literature), whole-prompt alignment, recall and the
+worst class's share of the samples, against training step; the teacher (50 steps, CFG 5) is
+scored on the same protocol. A hypothesis is supported when its one change moves the final
+numbers well past the baseline's (compare with the baseline's own step-to-step noise, in the
+curve).
+
+    python benchmarks/dmd2_hypotheses.py --teacher sd3 --steps 600
+    python benchmarks/dmd2_hypotheses.py --teacher sd --only baseline critic_lr
+
+Writes ``benchmarks/results/dmd2_hypotheses_<teacher>.json`` and a plot beside it. Distances
+are in EfficientNet-Lite0 ImageNet feature space (128 px): NOT Inception FIDs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# name -> (the hypothesis the change tests, the one recipe override)
+HYPOTHESES = {
+    "baseline": ("the shipped recipe", []),
+    "rank_64": ("the LoRA student lacks capacity (r 16 -> 64)", ["student.rank=64"]),
+    "full": ("the LoRA student lacks capacity (control: full fine-tune)",
+             ["student.mode=full"]),
+    "critic_lr": ("the critic lags the student (critic lr 3e-4 -> 1e-3)",
+                  ["train.lr_critic=1.0e-3"]),
+    "guidance_3": ("the real score over-sharpens at CFG 5 (CFG 3)", ["teacher.guidance=3.0"]),
+    "gan": ("the DM gradient alone cannot keep the data's detail (DMD2's GAN term, 0.01)",
+            ["method.gan_weight=0.01"]),
+}
+TEACHER_STEPS, TEACHER_GUIDANCE = 50, 5.0
+
+
+def main(argv=None):
+    import torch
+
+    from diffusion_distill.eval.protocol import Protocol, evaluate_loaded, load_model, write_json
+    from diffusion_distill.recipe import load_recipe
+    from diffusion_distill.train import train
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", default="sd3", choices=["sd", "sd3"])
+    p.add_argument("--only", nargs="+", choices=list(HYPOTHESES), default=list(HYPOTHESES))
+    p.add_argument("--steps", type=int, default=600, help="training steps per run")
+    p.add_argument("--eval-every", type=int, default=150)
+    p.add_argument("--eval-num", type=int, default=128, help="samples per evaluation")
+    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "dmd2_hypotheses"),
+                   help="where the runs go (a finished run is reused)")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    a = p.parse_args(argv)
+    if a.eval_every < 1 or a.steps < a.eval_every:
+        p.error(f"--eval-every {a.eval_every} must be >= 1 and at most --steps {a.steps}")
+
+    protocol = Protocol(num=a.eval_num, prompts_kind="single")
+    teacher_row, _ = evaluate_loaded(load_model(f"embedded:{a.teacher}"), protocol,
+                                     steps=TEACHER_STEPS, guidance=TEACHER_GUIDANCE,
+                                     progress=False)
+    print(f"[hypotheses] teacher {a.teacher}: FD {teacher_row['fd']:.1f}, alignment "
+          f"{teacher_row['alignment']['whole_prompt']:.3f}, recall {teacher_row['recall']:.2f}",
+          flush=True)
+    out = os.path.join(a.out, f"dmd2_hypotheses_{a.teacher}.json")
+    result = {
+        "what": "one controlled DMD2 run per hypothesis, same budget",
+        "command": "python benchmarks/dmd2_hypotheses.py " + " ".join(
+            sys.argv[1:] if argv is None else argv),
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch "
+                   f"{torch.__version__} ({torch.get_num_threads()} threads), CUDA "
+                   f"{'yes' if torch.cuda.is_available() else 'no'}",
+        "feature_space": teacher_row.get("feature_space"), "num_samples": a.eval_num,
+        "recipe": f"recipes/dmd2_{a.teacher}.yaml", "steps": a.steps,
+        "teacher": {"name": a.teacher, "steps": TEACHER_STEPS, "guidance": TEACHER_GUIDANCE,
+                    "fd": teacher_row["fd"], "recall": teacher_row["recall"],
+                    "alignment": teacher_row["alignment"]["whole_prompt"],
+                    "attributes": _attributes(teacher_row)},
+        "runs": {}}
+    if os.path.isfile(out):  # runs of other hypotheses from an earlier call stay
+        with open(out) as f:
+            earlier = json.load(f)
+        if earlier.get("steps") == a.steps and earlier.get("num_samples") == a.eval_num:
+            result["runs"] = earlier.get("runs", {})
+    for name in a.only:
+        hypothesis, overrides = HYPOTHESES[name]
+        run_dir = os.path.join(a.runs, a.teacher, name)
+        recipe = load_recipe(os.path.join(ROOT, "recipes", f"dmd2_{a.teacher}.yaml"), [
+            *overrides, f"train.steps={a.steps}", f"train.eval_every={a.eval_every}",
+            f"train.eval_num={a.eval_num}", "output.export=false", f"output.dir={run_dir}"])
+        train(recipe)
+        with open(os.path.join(run_dir, "eval.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        curve = [{"step": r["step"], "train_seconds": r.get("train_seconds"), "fd": r["fd"],
+                  "fd_ratio": r["fd"] / teacher_row["fd"], "fd_teacher": r.get("fd_teacher"),
+                  "alignment": r["alignment"]["whole_prompt"], "recall": r["recall"],
+                  "worst_share": r["alignment"].get("worst_share"),
+                  "attributes": _attributes(r)} for r in rows]
+        last = curve[-1]
+        result["runs"][name] = {"hypothesis": hypothesis, "overrides": overrides,
+                                "final": {k: v for k, v in last.items() if k != "attributes"},
+                                "final_attributes": last["attributes"], "curve": curve}
+        print(f"[hypotheses] {name}: FD {last['fd']:.1f} ({last['fd_ratio']:.2f}x), FD-T "
+              f"{last['fd_teacher']:.1f}, alignment {last['alignment']:.3f}, recall "
+              f"{last['recall']:.2f}, worst share {last['worst_share']}", flush=True)
+        write_json(out, result)  # after every run: an interrupted sweep keeps what it has
+    _plot(result, out[:-len(".json")] + ".png")
+    print(f"[hypotheses] -> {out}")
+    return 0
+
+
+def _attributes(row) -> dict:
+    """Per-attribute accuracy (shape, colour, count, ...) where the evaluation gives it."""
+    return dict(row["alignment"].get("per_attribute") or {})
+
+
+def _plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("fd_ratio", "FD / teacher FD"), ("fd_teacher", "FD to the teacher"),
+            ("alignment", "alignment (whole prompt)"), ("recall", "recall")]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+    for name, run in result["runs"].items():
+        steps = [c["step"] for c in run["curve"]]
+        for axis, (key, _) in zip(axes, keys):
+            axis.plot(steps, [c[key] for c in run["curve"]], marker="o", label=name)
+    teacher = result["teacher"]
+    axes[0].axhline(1.0, color="black", lw=1, label="teacher")
+    axes[2].axhline(teacher["alignment"], color="black", lw=1, label="teacher")
+    axes[3].axhline(teacher["recall"], color="black", lw=1, label="teacher")
+    for axis, (_, label) in zip(axes, keys):
+        axis.set_xlabel("training step")
+        axis.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"DMD2 1-step on embedded {teacher['name']}: one change per run "
+                 f"({result['num_samples']} samples per point)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
