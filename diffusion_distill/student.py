@@ -96,8 +96,8 @@ class SharedBaseRoles:
                 p.data = p.data.float()
         # A switch happens several times per training step (teacher, student, critic passes).
         # peft's enable_adapters/set_adapter walk every adapter's parameters to flip
-        # requires_grad, which then has to be undone (module docstring): about 10 ms per
-        # switch on a tiny UNet, more on a real one. Where the layers keep their state in
+        # requires_grad, which then has to be undone (module docstring): a walk over every
+        # adapter parameter per switch. Where the layers keep their state in
         # peft's two plain fields, a switch sets just those; requires_grad is set once here.
         self._fast_switch = all(
             hasattr(m, "_active_adapter") and hasattr(m, "_disable_adapters")

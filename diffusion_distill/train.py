@@ -382,6 +382,7 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress)
     end = min(cfg["steps"], cfg["stop_after"] or cfg["steps"])
     bar = tqdm(range(start, end), initial=start, total=end, desc=f"train {recipe['name']}",
                disable=not (progress and main))
+
     def evaluate_now(done):
         row = quick_eval(nets, teacher, recipe, objective)
         row.update(step=done, train_seconds=round(train_seconds, 2))
@@ -390,7 +391,8 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress)
         bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
                                               if isinstance(v, float)))
 
-    if cfg["eval_every"] and start == 0 and end > 0 and main:
+    evaluated = _trim_eval_log(os.path.join(run_dir, "eval.jsonl"), start) if main else set()
+    if cfg["eval_every"] and start == 0 and end > 0 and main and 0 not in evaluated:
         # the starting point of every curve: the student as initialised (LoRA B = 0: the
         # teacher's weights under the student's own few-step sampler)
         evaluate_now(0)
@@ -435,6 +437,29 @@ _TEACHER_FEATURES: dict = {}  # FD-to-teacher's reference, per teacher and proto
 
 
 @torch.no_grad()
+def _trim_eval_log(path: str, start: int) -> set[int]:
+    """Drop the rows of ``eval.jsonl`` past ``start`` (the step this run resumes from: those
+    came from steps that are trained again now) and return the steps still logged, so that
+    a restart never writes a step's row twice."""
+    from .checkpoint import atomic_file
+
+    if not os.path.isfile(path):
+        return set()
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= start:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a row cut short by a crash
+    if len(kept) != len(lines):
+        with atomic_file(path) as f:
+            f.writelines(kept)
+    return {json.loads(line).get("step", 0) for line in kept}
+
+
 def quick_eval(nets, teacher, recipe, objective) -> dict:
     """A cheap evaluation of the current student, for the run log (``eval.jsonl``).
 

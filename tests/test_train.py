@@ -166,3 +166,16 @@ def test_cheap_evaluation_goes_into_the_run_log(tiny_sd_path, tmp_path):
     # training wall time, for time-to-quality curves: none before the first step
     assert rows[0]["train_seconds"] == 0 and last["train_seconds"] > 0
     assert last["fd"] != rows[0]["fd"]  # two steps of training changed the samples
+
+
+def test_a_resumed_run_logs_each_evaluated_step_once(tiny_sd_path, tmp_path):
+    import json
+
+    recipe = tiny_recipe(tiny_sd_path, tmp_path / "run", steps=4, eval_every=1, eval_num=8,
+                         checkpoint_every=2, stop_after=3)
+    run_dir = train(recipe, progress=False)  # evaluates 0..3, checkpoints at 2 (and 3?)
+    recipe["train"]["stop_after"] = None
+    train(recipe, progress=False)  # resumes from its last checkpoint, trains on to 4
+    with open(os.path.join(run_dir, "eval.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == [0, 1, 2, 3, 4], steps
