@@ -39,10 +39,12 @@ HYPOTHESES = {
     # The UNet default targets its resnets' time_emb_proj (the time-conditioned scale and
     # shift); the transformer default left out its analogue, AdaLN's modulation linears.
     "adaln_targets": ("the LoRA misses the time modulation (transformer: + AdaLN linears)",
-                      ["student.target_modules=[to_q, to_k, to_v, to_out.0, add_q_proj, "
+                      [("student.target_modules=[to_q, to_k, to_v, to_out.0, add_q_proj, "
                        "add_k_proj, add_v_proj, to_add_out, ff.net.0.proj, ff.net.2, "
                        "ff_context.net.0.proj, ff_context.net.2, proj_out, norm1.linear, "
-                       "norm1_context.linear, norm_out.linear]"]),
+                       "norm1_context.linear, norm_out.linear]")]),
+    "student_lr": ("the LoRA student moves too slowly (student lr 3e-4 -> 1e-3)",
+                   ["train.lr=1.0e-3", "train.lr_critic=3.0e-4"]),
     "critic_lr": ("the critic lags the student (critic lr 3e-4 -> 1e-3)",
                   ["train.lr_critic=1.0e-3"]),
     "guidance_3": ("the real score over-sharpens at CFG 5 (CFG 3)", ["teacher.guidance=3.0"]),
