@@ -19,16 +19,15 @@ are in EfficientNet-Lite0 ImageNet feature space (128 px): NOT Inception FIDs.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for p in (ROOT, HERE):
+    if p not in sys.path:
+        sys.path.insert(0, p)
 
 # name -> (the hypothesis the change tests, the one recipe override)
 HYPOTHESES = {
@@ -55,7 +54,7 @@ TEACHER_STEPS, TEACHER_GUIDANCE = 50, 5.0
 
 
 def main(argv=None):
-    import torch
+    from runs_common import add_run_arguments, check_run_arguments, provenance
 
     from diffusion_distill.eval.protocol import Protocol, evaluate_loaded, load_model, write_json
     from diffusion_distill.recipe import load_recipe
@@ -64,15 +63,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default="sd3", choices=["sd", "sd3"])
     p.add_argument("--only", nargs="+", choices=list(HYPOTHESES), default=list(HYPOTHESES))
-    p.add_argument("--steps", type=int, default=600, help="training steps per run")
-    p.add_argument("--eval-every", type=int, default=150)
-    p.add_argument("--eval-num", type=int, default=128, help="samples per evaluation")
-    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "dmd2_hypotheses"),
-                   help="where the runs go (a finished run is reused)")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    add_run_arguments(p, "dmd2_hypotheses", steps=600, eval_every=150)
     a = p.parse_args(argv)
-    if a.eval_every < 1 or a.steps < a.eval_every:
-        p.error(f"--eval-every {a.eval_every} must be >= 1 and at most --steps {a.steps}")
+    check_run_arguments(p, a)
 
     protocol = Protocol(num=a.eval_num, prompts_kind="single")
     teacher_row, _ = evaluate_loaded(load_model(f"embedded:{a.teacher}"), protocol,
@@ -84,12 +77,7 @@ def main(argv=None):
     out = os.path.join(a.out, f"dmd2_hypotheses_{a.teacher}.json")
     result = {
         "what": "one controlled DMD2 run per hypothesis, same budget",
-        "command": "python benchmarks/dmd2_hypotheses.py " + " ".join(
-            sys.argv[1:] if argv is None else argv),
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch "
-                   f"{torch.__version__} ({torch.get_num_threads()} threads), CUDA "
-                   f"{'yes' if torch.cuda.is_available() else 'no'}",
+        **provenance("dmd2_hypotheses.py", argv),
         "feature_space": teacher_row.get("feature_space"), "num_samples": a.eval_num,
         "recipe": f"recipes/dmd2_{a.teacher}.yaml", "steps": a.steps,
         "teacher": {"name": a.teacher, "steps": TEACHER_STEPS, "guidance": TEACHER_GUIDANCE,

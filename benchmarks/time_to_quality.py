@@ -19,10 +19,8 @@ against training seconds beside it. Distances are in EfficientNet-Lite0 ImageNet
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,8 +34,8 @@ FEW_STEPS = 4  # the teacher's own few-step sampler: the bar on FD to the teache
 
 
 def main(argv=None):
-    import torch
     from leaderboard import METHODS
+    from runs_common import add_run_arguments, check_run_arguments, provenance
 
     from diffusion_distill.eval.evaluate import fd_to
     from diffusion_distill.eval.protocol import Protocol, evaluate_loaded, load_model, write_json
@@ -53,16 +51,10 @@ def main(argv=None):
     p.add_argument("--teacher", default="sd", choices=["sd", "sd3"])
     p.add_argument("--methods", nargs="+", default=["lcm", "tcd", "dmd2_4step"],
                    choices=list(METHODS))
-    p.add_argument("--steps", type=int, default=300, help="training steps per method")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-num", type=int, default=128, help="samples per evaluation")
     p.add_argument("--factor", type=float, default=1.5, help="the target: FD <= factor x teacher")
-    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "time_to_quality"),
-                   help="where the runs go (a finished run is reused)")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    add_run_arguments(p, "time_to_quality", steps=300, eval_every=50)
     a = p.parse_args(argv)
-    if a.eval_every < 1 or a.steps < a.eval_every:
-        p.error(f"--eval-every {a.eval_every} must be >= 1 and at most --steps {a.steps}")
+    check_run_arguments(p, a)
 
     protocol = Protocol(num=a.eval_num, prompts_kind="single")
     loaded = load_model(f"embedded:{a.teacher}")
@@ -132,11 +124,7 @@ def main(argv=None):
 
     result = {
         "what": f"training seconds until FD <= {a.factor}x the teacher's",
-        "command": "python benchmarks/time_to_quality.py " + " ".join(
-            sys.argv[1:] if argv is None else argv),
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch "
-                   f"{torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}",
+        **provenance("time_to_quality.py", argv),
         "feature_space": teacher_row.get("feature_space"), "num_samples": a.eval_num,
         "teacher": {"name": a.teacher, "steps": TEACHER_STEPS, "guidance": TEACHER_GUIDANCE,
                     "fd": teacher_fd, "alignment": teacher_row["alignment"]["whole_prompt"],
