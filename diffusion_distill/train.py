@@ -295,6 +295,7 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
                          "loop does not do; use bf16 (or no).")
     on_cpu = cfg["device"] == "cpu" or not torch.cuda.is_available()
     optimizer_class(cfg, cuda=not on_cpu)  # refused here, before any model is built
+    _release_accelerator_state(cfg["mixed_precision"])
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=cfg["mixed_precision"])
     run_dir = recipe["output"]["dir"]
     main = accelerator.is_main_process
@@ -309,6 +310,21 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
                 load_latest_good(run_dir, set_aside=True)
         accelerator.wait_for_everyone()
         return _train_locked(recipe, accelerator, teacher, networks, return_nets, progress)
+
+
+def _release_accelerator_state(mixed_precision: str) -> None:
+    """Let a second run in the same process use another precision.
+
+    accelerate keeps one process-wide AcceleratorState and refuses an Accelerator whose
+    mixed_precision differs from the first one's ("restart your runtime"), so a notebook or
+    script that trains a float32 run and then a bf16 one would fail. The precision part of that
+    state is dropped between runs; the process group part (PartialState) is kept.
+    """
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress):
