@@ -419,6 +419,8 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress)
         logs = train_step(objective, nets, optimizers, batches, step, cfg, local_batch,
                           rank=rank, world=world, device=device, accelerator=accelerator,
                           run_dir=run_dir)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's queued kernels count toward its time
         train_seconds += time.perf_counter() - t_step
         interval.add(logs)
         done = step + 1
