@@ -34,10 +34,11 @@ def main(argv=None):
     import torch
     from conftest import tiny_recipe
 
+    from diffusion_distill.build import setup_run
     from diffusion_distill.eval.protocol import write_json
     from diffusion_distill.recipe import load_recipe
     from diffusion_distill.student import generate
-    from diffusion_distill.train import setup_run, train
+    from diffusion_distill.train import train
     from diffusion_distill.world.data import ShapesWorld
     from diffusion_distill.world.toy2d import energy_distance
 

@@ -269,10 +269,10 @@ def run_dmd2(args, mon: Monitor, full: bool, checkpointing: bool = False,
     from diffusion_distill.denoiser import Cond, Denoiser
     from diffusion_distill.objectives.dmd import DMD2
     from diffusion_distill.schedules import VPSchedule
+    from diffusion_distill.step import build_optimizers, train_step
     from diffusion_distill.student import Nets, SeparateRoles, SharedBaseRoles
     from diffusion_distill.teachers.base import Teacher
     from diffusion_distill.teachers.sd import call_unet
-    from diffusion_distill.train import build_optimizers, train_step
 
     t_build = time.perf_counter()
     unet, scheduler, text, uncond_text, latent_shape = build(

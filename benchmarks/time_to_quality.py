@@ -38,9 +38,10 @@ def main(argv=None):
     from runs_common import add_run_arguments, check_run_arguments, provenance
 
     from diffusion_distill.eval.evaluate import fd_to
+    from diffusion_distill.eval.in_training import InTrainingEval
     from diffusion_distill.eval.protocol import Protocol, evaluate_loaded, load_model, write_json
     from diffusion_distill.recipe import load_recipe
-    from diffusion_distill.train import teacher_features, train
+    from diffusion_distill.train import train
 
     def load_teacher_for(recipe):
         from diffusion_distill.build import setup_run
@@ -70,8 +71,8 @@ def main(argv=None):
                                      + ".yaml"), [f"train.eval_num={a.eval_num}"])
     few_row, _ = evaluate_loaded(loaded, protocol, steps=FEW_STEPS, guidance=TEACHER_GUIDANCE,
                                  progress=False, return_features=True)
-    few_fd_teacher = fd_to(teacher_features(load_teacher_for(first), first, protocol),
-                           few_row.pop("features"))
+    few_fd_teacher = fd_to(InTrainingEval(load_teacher_for(first), first, protocol)
+                           .teacher_features(), few_row.pop("features"))
     print(f"[time_to_quality] teacher at {FEW_STEPS} steps: FD to its 50-step samples "
           f"{few_fd_teacher:.2f}", flush=True)
 
@@ -89,11 +90,10 @@ def main(argv=None):
             # a run made before the loop evaluated its initialisation: score it here (LoRA
             # B = 0, so the initial student is the teacher under the student's sampler)
             from diffusion_distill.build import setup_run
-            from diffusion_distill.train import quick_eval
 
             teacher, objective, nets = setup_run(recipe, "cpu")
-            rows.insert(0, {**quick_eval(nets, teacher, recipe, objective), "step": 0,
-                            "train_seconds": 0.0})
+            rows.insert(0, {**InTrainingEval(teacher, recipe, protocol)(nets, objective),
+                            "step": 0, "train_seconds": 0.0})
         if not rows or "train_seconds" not in rows[-1]:
             raise SystemExit(f"{run_dir}/eval.jsonl has no train_seconds: a run made before the "
                              "toolkit logged them; give another --runs folder")

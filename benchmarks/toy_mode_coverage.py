@@ -58,9 +58,10 @@ CONFIGS = [  # (label, method, student steps, schedule, training steps)
 
 
 def run(method, num_steps, schedule, steps, seed, out):
+    from diffusion_distill.build import setup_run
     from diffusion_distill.recipe import load_recipe
     from diffusion_distill.student import generate
-    from diffusion_distill.train import setup_run, train
+    from diffusion_distill.train import train
     from diffusion_distill.world.toy2d import MLPDenoiser, energy_distance, ring_means, toy_teacher
 
     torch.manual_seed(seed)

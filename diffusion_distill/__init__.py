@@ -19,8 +19,12 @@ def __getattr__(name):
         from . import teachers
 
         return getattr(teachers, name)
-    if name in ("load_student", "export_nets"):
+    if name == "load_student":
+        from . import student_pipeline
+
+        return student_pipeline.load_student
+    if name == "export_nets":
         from . import export
 
-        return getattr(export, name)
+        return export.export_nets
     raise AttributeError(f"module 'diffusion_distill' has no attribute {name!r}")

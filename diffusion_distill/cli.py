@@ -15,7 +15,7 @@ import traceback
 
 # (module, attribute) of each subcommand's add_parser, in the order --help lists them.
 SUBCOMMANDS = [
-    ("diffusion_distill.train", "add_parser"),
+    ("diffusion_distill.train_cli", "add_parser"),
     ("diffusion_distill.export", "add_parser"),
     ("diffusion_distill.sample", "add_parser"),
     ("diffusion_distill.eval.cli", "add_parser"),

@@ -12,8 +12,7 @@ An export folder holds
   arguments for every step count the student serves, the adapter of each step, and
   ``usage``: the plain-diffusers lines that sample it.
 
-``load_student(folder)`` does the diffusers steps: load the teacher pipeline, check the
-fingerprint, load the LoRA, swap in the scheduler, and call with the student's timesteps.
+Reading an export back is :mod:`diffusion_distill.student_pipeline` (``load_student``).
 """
 from __future__ import annotations
 
@@ -218,102 +217,6 @@ def _export_full(nets, teacher, recipe, out_dir):
     finally:
         setattr(pipe, component, original)
     return out_dir
-
-
-class StudentPipeline:
-    """A diffusers pipeline with the student's LoRA, scheduler and call arguments set.
-
-    ``student(prompts, generator=...)`` is ``pipe(prompts, **call, generator=...)``; every other
-    pipeline argument can be passed too. ``num_inference_steps`` picks any step count the
-    export serves (``student.servable_steps``). ``.pipe`` is the plain diffusers pipeline.
-    """
-
-    def __init__(self, pipe, config: dict):
-        self.pipe = pipe
-        self.config = config
-        self.call_kwargs = dict(config["call"])
-        self.steps = config.get("steps") or {
-            str(config["call"]["num_inference_steps"]): {"call": config["call"], "adapters":
-                                                          config.get("adapter_per_step")}}
-
-    @property
-    def servable_steps(self) -> list[int]:
-        return sorted(int(n) for n in self.steps)
-
-    def __call__(self, prompt, num_inference_steps: int | None = None, **kwargs):
-        from .samplers import seeded_global_rng
-
-        n = str(num_inference_steps or self.config["call"]["num_inference_steps"])
-        if n not in self.steps:
-            raise ValueError(f"this export samples with {self.servable_steps} step(s), not "
-                             f"{num_inference_steps}; pass num_inference_steps= one of those.")
-        entry = self.steps[n]
-        call = {**entry["call"], **kwargs}
-        per_step = entry.get("adapters") or []
-        if len(set(per_step)) > 1:
-            self.pipe.set_adapters(per_step[0])
-
-            def switch(pipe, i, t, callback_kwargs):  # the adapter of the next step
-                pipe.set_adapters(per_step[min(i + 1, len(per_step) - 1)])
-                return callback_kwargs
-
-            call["callback_on_step_end"] = switch
-        elif per_step:
-            self.pipe.set_adapters(per_step[0])
-        # Flow pipelines re-noise from torch's global RNG: seed it from the caller's
-        # generator so a seed fixes the samples (the toolkit's own sampler does the same).
-        flow = "FlowMatch" in self.config["scheduler"]["class"]
-        with seeded_global_rng(call.get("generator") if flow else None):
-            return self.pipe(prompt, **call)
-
-
-def load_student(folder: str, teacher: str | None = None, torch_dtype=None) -> StudentPipeline:
-    """Plain diffusers + the export: the student ready to sample.
-
-    Args:
-        folder: an export folder (with distill_config.json).
-        teacher: the teacher pipeline (folder, hub id or ``embedded:NAME``) if not the one
-            recorded in the export.
-    """
-    import diffusers
-
-    from .teachers import load_pipeline
-
-    cfg_path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{folder!r} is not a student export: no {CONFIG_NAME}. "
-                                "Create one with `ddistill export RUN --out DIR`.")
-    with open(cfg_path) as f:
-        config = json.load(f)
-    path = resolve_teacher_path(
-        teacher or config["teacher"].get("pretrained") or config["teacher"]["path"])
-    if (teacher is None and not os.path.isdir(path)
-            and str(config["teacher"]["path"]).startswith("embedded:")):
-        # the export was written on another machine: its embedded teacher is ours too
-        path = resolve_teacher_path(config["teacher"]["path"])
-    pipe = load_pipeline(path, torch_dtype=torch_dtype)
-    component = getattr(pipe, backbone_name(pipe))
-    found = base_fingerprint(component)
-    expected = config["teacher"]["base_fingerprint"]
-    if found != expected or type(pipe).__name__ != config["teacher"]["pipeline_class"]:
-        raise ValueError(
-            f"the export in {folder!r} was trained on a different base: it expects a "
-            f"{config['teacher']['pipeline_class']} with base fingerprint {expected} "
-            f"({config['teacher']['path']}), but {path!r} is a {type(pipe).__name__} with "
-            f"fingerprint {found}. Load it onto the teacher it was distilled from.")
-    adapters = config.get("adapters")
-    if isinstance(adapters, list) and adapters:
-        for name in adapters:
-            pipe.load_lora_weights(os.path.join(folder, name), adapter_name=name)
-    elif config.get("experts"):  # format 1 (Phased DMD exports before format 2)
-        for i in range(config["experts"]):
-            pipe.load_lora_weights(os.path.join(folder, f"expert_{i}"), adapter_name=f"expert_{i}")
-        config.setdefault("adapter_per_step", [f"expert_{i}" for i in range(config["experts"])])
-    else:
-        pipe.load_lora_weights(folder)
-    cls = getattr(diffusers, config["scheduler"]["class"])
-    pipe.scheduler = cls.from_config(config["scheduler"]["config"])
-    return StudentPipeline(pipe, config)
 
 
 def add_parser(sub):

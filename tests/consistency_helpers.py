@@ -45,7 +45,7 @@ def reproduces_through_diffusers(export, config, nets, objective, steps, flow):
     """The toolkit's own samples at each step count equal a fresh pipeline with the export's
     LoRA and scheduler, and load_student's; the teacher through the same sampler differs (the
     LoRA is really there). Returns the last plain pipeline."""
-    from diffusion_distill.export import load_student
+    from diffusion_distill.student_pipeline import load_student
 
     prompts, seeds = ["a red circle", "two green triangles"], (11, 12)
     student = load_student(export)

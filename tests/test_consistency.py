@@ -13,11 +13,13 @@ import torch
 from conftest import tiny_recipe
 from consistency_helpers import EDMMLP, fit_to_teacher, reproduces_through_diffusers
 
+from diffusion_distill.build import setup_run
 from diffusion_distill.objectives import build_objective
 from diffusion_distill.objectives.consistency import SolverGrid, lcm_scalings
 from diffusion_distill.recipe import load_recipe
+from diffusion_distill.step import build_optimizers, train_step
 from diffusion_distill.student import generate
-from diffusion_distill.train import build_optimizers, setup_run, train, train_step
+from diffusion_distill.train import train
 from diffusion_distill.world.toy2d import MLPDenoiser, energy_distance, toy_teacher
 
 NO_CFG = {"w_min": 0.0, "w_max": 0.0}  # the toy teacher is unconditional: w = 0, g = 1
@@ -182,7 +184,7 @@ def test_lcm_with_an_ema_target_trains(tiny_sd_path, tmp_path):
 # -- (c) refusals -------------------------------------------------------------------------------
 
 def test_step_counts_the_export_cannot_serve_are_refused(tiny_sd_path, tmp_path):
-    from diffusion_distill.export import load_student
+    from diffusion_distill.student_pipeline import load_student
 
     lcm = build_objective({"name": "lcm"}, student_times=[1.0])
     assert lcm.servable_steps() == [1, 2, 4, 8]

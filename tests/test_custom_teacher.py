@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from diffusion_distill import custom_teacher
+from diffusion_distill.build import setup_run
 from diffusion_distill.recipe import load_recipe
 from diffusion_distill.student import generate
 from diffusion_distill.teachers.custom import make_schedule
-from diffusion_distill.train import setup_run, train
+from diffusion_distill.train import train
 from diffusion_distill.world.toy2d import GaussianMixtureDenoiser, ring_means
 
 K, VAR = 4, 0.02

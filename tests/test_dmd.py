@@ -4,9 +4,10 @@ import pytest
 import torch
 from conftest import tiny_recipe
 
+from diffusion_distill.build import setup_run
 from diffusion_distill.recipe import load_recipe
 from diffusion_distill.student import generate
-from diffusion_distill.train import setup_run, train
+from diffusion_distill.train import train
 from diffusion_distill.world.toy2d import MLPDenoiser, energy_distance, toy_teacher
 
 

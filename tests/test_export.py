@@ -7,10 +7,10 @@ import torch
 from conftest import tiny_recipe
 
 from diffusion_distill.build import student_times
-from diffusion_distill.export import load_student
 from diffusion_distill.objectives import build_objective
 from diffusion_distill.recipe import load_recipe
 from diffusion_distill.student import generate
+from diffusion_distill.student_pipeline import load_student
 from diffusion_distill.train import train
 
 

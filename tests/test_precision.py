@@ -14,9 +14,10 @@ import torch
 from conftest import PROMPTS, tiny_recipe
 from safetensors.torch import load_file
 
+from diffusion_distill.build import setup_run
 from diffusion_distill.checkpoint import latest_checkpoint
 from diffusion_distill.recipe import load_recipe
-from diffusion_distill.train import setup_run, train
+from diffusion_distill.train import train
 
 
 def _base(backbone):

@@ -21,7 +21,8 @@ from diffusion_distill.checkpoint import (
 )
 from diffusion_distill.cli import main
 from diffusion_distill.recipe import RecipeError, load_recipe
-from diffusion_distill.train import RunLockedError, prepare_run_dir, run_lock, train
+from diffusion_distill.run_folder import RunLockedError, prepare_run_dir, run_lock
+from diffusion_distill.train import train
 
 
 def _tree(folder):

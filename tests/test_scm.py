@@ -18,10 +18,12 @@ import torch
 from conftest import tiny_recipe
 from consistency_helpers import EDMMLP, fit_to_teacher, reproduces_through_diffusers
 
+from diffusion_distill.build import setup_run
 from diffusion_distill.objectives import build_objective
 from diffusion_distill.recipe import load_recipe
+from diffusion_distill.step import build_optimizers, train_step
 from diffusion_distill.student import generate
-from diffusion_distill.train import build_optimizers, setup_run, train, train_step
+from diffusion_distill.train import train
 from diffusion_distill.world.toy2d import energy_distance, toy_teacher
 
 
@@ -230,7 +232,7 @@ def test_without_score_regularization_there_is_no_critic(tiny_sd_path, tmp_path)
     _, objective, nets = setup_run(recipe)
     assert nets.roles.trainable == ["student"]
     assert "critic" not in nets.roles.backbone.peft_config
-    from diffusion_distill.train import Randomness, StepContext
+    from diffusion_distill.step import Randomness, StepContext
 
     ctx = StepContext(0, 0, Randomness(0, 0, 0), 1, 4)
     batch = {"cond": nets.teacher_model.prompts(["a red circle"] * 2),
@@ -333,7 +335,7 @@ def test_the_critic_learns_the_students_own_samples_on_the_toy():
     falls. The student barely moves here (lr 1e-7), so its samples stay the teacher's collapsed
     1-step posterior mean, which the teacher itself denoises badly."""
     from diffusion_distill.objectives.common import critic_denoising_loss
-    from diffusion_distill.train import Randomness, StepContext
+    from diffusion_distill.step import Randomness, StepContext
 
     method = {"name": "scm", "sigma_data": 1.4, "warmup_steps": 0, "score_regularization": 0.01,
               "critic_steps": 5}

@@ -11,12 +11,15 @@ import pytest
 import torch
 from conftest import tiny_recipe
 
+from diffusion_distill.batches import Batches
+from diffusion_distill.build import setup_run
 from diffusion_distill.objectives import build_objective
 from diffusion_distill.objectives.sid import NonFiniteBatchError, SiD, guidance_scales
 from diffusion_distill.recipe import load_recipe
 from diffusion_distill.samplers import seeded_global_rng
+from diffusion_distill.step import build_optimizers, train_step
 from diffusion_distill.student import generate
-from diffusion_distill.train import Batches, build_optimizers, setup_run, train, train_step
+from diffusion_distill.train import train
 from diffusion_distill.world.toy2d import MLPDenoiser, energy_distance, ring_means, toy_teacher
 
 # SiD's own optimiser setting (Adam betas (0, 0.999)); the critic a little faster than the student
@@ -100,7 +103,7 @@ def test_few_step_sid_one_student_improves_at_one_and_two_steps(tmp_path):
 def test_few_step_generation_draws_every_step_of_the_mixture(tmp_path):
     """A K-step student's training sample is step k's output, k uniform per batch; the steps
     before k are rolled out without gradients."""
-    from diffusion_distill.train import Randomness, StepContext
+    from diffusion_distill.step import Randomness, StepContext
 
     teacher = toy_teacher()
     recipe = _toy_recipe({"name": "sid", "guidance": "none"}, tmp_path, steps=4, num_steps=4)
@@ -189,7 +192,7 @@ def test_guidance_presets_and_overrides():
 def test_each_scale_reaches_its_network(tiny_sd_path, tmp_path):
     """kappa1 in the critic's training, kappa2 for the critic and kappa4 for the teacher in the
     generator loss; kappa 0 is one unconditional pass."""
-    from diffusion_distill.train import Randomness, StepContext
+    from diffusion_distill.step import Randomness, StepContext
 
     recipe = load_recipe(tiny_recipe(tiny_sd_path, tmp_path / "run", method={
         "name": "sid", "guidance": "lsg", "kappa1": 2.0, "kappa2": 0.0, "kappa4": 4.5}))

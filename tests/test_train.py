@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from diffusion_distill.checkpoint import latest_checkpoint, list_checkpoints
 from diffusion_distill.objectives import Objective, build_objective
 from diffusion_distill.recipe import RecipeError, load_recipe
-from diffusion_distill.train import NonFiniteLossError, train
+from diffusion_distill.step import NonFiniteLossError
+from diffusion_distill.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -46,7 +47,7 @@ def _recipe_files():
 
 @pytest.mark.parametrize("path", _recipe_files(), ids=lambda p: os.path.relpath(p, ROOT))
 def test_every_recipe_instantiates(path):
-    from diffusion_distill.train import setup_run
+    from diffusion_distill.build import setup_run
 
     recipe = load_recipe(path)
     if "/hub/" in path:
@@ -93,7 +94,7 @@ def test_resume_after_kill_equals_uninterrupted(tiny_sd_path, tmp_path):
 
 
 def test_lr_factor_warms_up_then_decays_to_its_final_fraction():
-    from diffusion_distill.train import lr_factor
+    from diffusion_distill.step import lr_factor
 
     assert [lr_factor(s, 100, None) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
     assert lr_factor(0, 100, 0.1) == pytest.approx(1.0)

@@ -8,8 +8,8 @@ import torch
 from diffusion_distill.denoiser import Cond
 from diffusion_distill.objectives import build_objective
 from diffusion_distill.objectives.denoising import Denoising
+from diffusion_distill.step import Randomness, StepContext
 from diffusion_distill.teachers.custom import custom_denoiser
-from diffusion_distill.train import Randomness, StepContext
 
 
 def _nets(denoiser):

@@ -87,7 +87,7 @@ def load_model(path: str, teacher: str | None = None) -> LoadedModel:
         raise ValueError(f"{path!r} is a file; expected a folder: a diffusers pipeline (with "
                          f"model_index.json) or a student export (with {CONFIG_NAME}).")
     if os.path.isfile(os.path.join(local, CONFIG_NAME)):
-        from ..export import load_student
+        from ..student_pipeline import load_student
 
         student = load_student(local, teacher=teacher)
         call = student.call_kwargs
