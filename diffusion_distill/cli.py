@@ -108,7 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("DDISTILL_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) \
+            and not any(x.startswith("-") for x in extra):
+        # ``train RECIPE --no-progress key=value``: argparse ends a positional list at the
+        # first flag; overrides after a flag belong to it all the same
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         check_flags(args)
         return int(args.func(args) or 0)

@@ -3,7 +3,8 @@
 Every key a run reads is listed in :data:`DEFAULTS` with its default, so a recipe file says
 everything about a run and a typo is an error rather than a silently ignored setting. The
 ``method`` section is the exception: its keys are the objective's constructor arguments, and
-the objective's signature checks them.
+the objective's own option table (``Objective.options`` and ``plan``, in its file) checks them
+here, when the recipe loads.
 """
 from __future__ import annotations
 
@@ -16,8 +17,30 @@ import re
 import yaml
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, first, again):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.again = key, first, again
+
+
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading ``1e-4`` / ``5E3`` as numbers (YAML 1.2), not strings."""
+    """PyYAML's safe loader, reading ``1e-4`` / ``5E3`` as numbers (YAML 1.2), not strings,
+    and refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # "<<: *base" may be overridden key by key: that is its purpose
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, seen[key], key_node.start_mark)
+                    seen[key] = key_node.start_mark
+                except TypeError:  # an unhashable key: PyYAML's own error says so
+                    break
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -34,6 +57,10 @@ def yaml_load(text, where: str = "<text>"):
     """YAML with numbers read as numbers; a syntax error names the file, line and column."""
     try:
         return yaml.load(text, Loader=_Loader)
+    except _DuplicateKey as e:
+        raise RecipeError(f"{where}:{e.again.line + 1}: key {e.key!r} is given twice in the "
+                          f"same section (first on line {e.first.line + 1}); YAML would keep "
+                          "only the last one without a word. Remove one of them") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
@@ -285,6 +312,12 @@ def _get(recipe: dict, path: str):
     return node
 
 
+def refused(path: str, value, allowed: str) -> RecipeError:
+    """The one message form of a bad recipe value: the key, the value, what it must be."""
+    return RecipeError(f"recipe key {path!r} is {value!r}, but must be {allowed}; "
+                       f"fix it in the recipe file or override it ({path}=...)")
+
+
 def validate(recipe: dict):
     """Check every value against its allowed range; :class:`RecipeError` names the key path,
     the value, what is allowed and what to do."""
@@ -297,12 +330,21 @@ def validate(recipe: dict):
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise RecipeError(f"recipe key {path!r} is {value!r}, but must be {allowed}; "
-                              f"fix it in the recipe file or override it ({path}=...)")
+            raise refused(path, value, allowed)
     method = recipe["method"]
     if not isinstance(method.get("name"), str) or not method["name"].strip():
         raise RecipeError(f"recipe key 'method.name' is {method.get('name')!r}, but must be a "
                           "method name such as dmd2; set method: {name: dmd2}")
+    from .objectives import option_problems
+
+    try:
+        # the objective's own option table and relations (objectives/<family>.py)
+        for path, value, allowed in option_problems(method, recipe):
+            raise refused(path, value, allowed)
+    except RecipeError:
+        raise
+    except ValueError as e:  # an unknown method name, or a dotted one that does not import
+        raise RecipeError(f"recipe key 'method.name': {e}") from None
     if recipe["data"]["source"] == "folder" and not recipe["data"]["path"]:
         raise RecipeError("recipe key 'data.path' is empty but data.source is 'folder'; set "
                           "data.path=/path/to/images")

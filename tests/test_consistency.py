@@ -118,6 +118,7 @@ def _run(path, tmp_path, method, steps=2, ema_decay=None):
     recipe = tiny_recipe(path, tmp_path / "run", method=method, steps=steps, lr=1e-3,
                          ema_decay=ema_decay, checkpoint_every=steps)
     recipe["data"] = {"source": "world", "resolution": 16}  # real x0 for the consistency pairs
+    recipe["student"]["num_steps"] = method.get("phases", 1)  # PCM: one step per phase
     return train(recipe, progress=False, return_nets=True)
 
 

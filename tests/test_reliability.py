@@ -331,7 +331,8 @@ def test_optimizer_state_without_pickle_round_trips(tmp_path):
 @pytest.mark.parametrize("change,key", [
     (lambda r: r["student"].update(rank=8), "student.rank"),
     (lambda r: r.update(method={"name": "dmd2", "critic_steps": 3}), "method.critic_steps: 2 -> 3"),
-    (lambda r: r.update(method={"name": "phased_dmd"}), "method.name: 'dmd2' -> 'phased_dmd'"),
+    (lambda r: r.update(method={"name": "phased_dmd", "critic_steps": 2}),
+     "method.name: 'dmd2' -> 'phased_dmd'"),
     (lambda r: r["train"].update(ema_decay=None), "train.ema_decay"),
     (lambda r: r["teacher"].update(path="embedded:sd3"), "teacher.path"),
     (lambda r: r["train"].update(steps=3), "train.steps: 3 is below"),

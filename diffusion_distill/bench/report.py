@@ -6,6 +6,13 @@ import os
 from .spec import METRICS
 
 
+def failure_reason(r: dict) -> str | None:
+    """Why a cell is incomplete, in one line: its error, else its first failed batch's."""
+    why = r.get("error") or next((f.get("error") for f in r.get("failures") or []), None) \
+        or r.get("alignment_error")
+    return " ".join(str(why).replace("|", "/").split())[:300] if why else None
+
+
 def markdown_table(summary: dict, metrics=METRICS) -> str:
     proto = summary["protocol"]
     standard = proto.get("protocol") == "standard"
@@ -61,7 +68,7 @@ def markdown_table(summary: dict, metrics=METRICS) -> str:
                 row.append(num(r.get(m), ".3f"))
         samples = f"{r.get('num_samples', 0)}/{r.get('num_requested', requested) or '-'}"
         if not r.get("complete"):
-            samples += " (incomplete" + (f": {r['error']}" if r.get("error") else "") + ")"
+            samples += " (incomplete" + (f": {why}" if (why := failure_reason(r)) else "") + ")"
         row += [num(r.get("seconds_per_image"), ".4f"), samples]
         lines.append("| " + " | ".join(row) + " |")
     timed = [r for r in summary["cells"] if r.get("latency")]

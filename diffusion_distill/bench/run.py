@@ -13,7 +13,7 @@ from ..eval.protocol import model_fingerprint
 from .latency import add_speedups, device_name, machine, measure_latency
 from .plots import plots, run_logs
 from .report import markdown_table, overview
-from .spec import cells_of, normalize_spec
+from .spec import cells_of, check_models, normalize_spec
 from .standard_protocol import StandardProtocol
 
 
@@ -44,6 +44,7 @@ def run_bench(spec: dict, out: str, cache_dir=None, rerun=False, progress=True,
 
     spec = normalize_spec(spec)  # specs built in code get the same checks and defaults
     cells = cells_of(spec)
+    check_models(spec, cells)  # a broken export is refused now, not after hours of cells
     # An earlier benchmark's folder (resumed), a new or an empty one: never someone else's.
     if not os.path.isdir(os.path.join(out, "cells")):
         check_output_dir(out, ("results.json",), "benchmark output folder")

@@ -1,6 +1,7 @@
 """The benchmark spec: its keys, their checks and defaults, and the cells it asks for."""
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -38,6 +39,26 @@ def load_spec(path: str) -> dict:
                          f"{type(spec).__name__}")
     spec.setdefault("name", os.path.splitext(os.path.basename(path))[0])
     return normalize_spec(spec, path)
+
+
+def _int(v, lo):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+_VALUE_RULES = [
+    ("teacher_steps", lambda v: isinstance(v, list) and v and all(_int(n, 1) for n in v),
+     "a step count >= 1 or a list of them"),
+    ("num_samples", lambda v: _int(v, 4), "an integer >= 4"),
+    ("batch_size", lambda v: _int(v, 1), "an integer >= 1"),
+    ("feature_size", lambda v: _int(v, 1), "an integer >= 1"),
+    ("seed", lambda v: _int(v, 0), "an integer >= 0"),
+    ("teacher", lambda v: isinstance(v, str) and bool(v), "a pipeline folder or embedded:sd"),
+    ("teacher_guidance", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+     and math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    ("exports", lambda v: isinstance(v, list), "a list of export entries"),
+    ("metrics", lambda v: isinstance(v, list), "a list of metric names"),
+    ("name", lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty name"),
+]
 
 
 def normalize_spec(spec: dict, where: str = "the spec") -> dict:
@@ -78,10 +99,82 @@ def normalize_spec(spec: dict, where: str = "the spec") -> dict:
         raise ValueError(f"unknown metric(s) {bad} in {where}; available: {list(METRICS)}")
     if isinstance(spec["teacher_steps"], int):
         spec["teacher_steps"] = [spec["teacher_steps"]]
+    for key, test, allowed in _VALUE_RULES:
+        value = spec.get(key)
+        if value is not None and not test(value):
+            raise ValueError(f"{key} in {where} is {value!r}, but must be {allowed}")
     if spec.get("standard") is not None and not isinstance(spec["standard"], dict):
         raise ValueError(f"standard in {where} must be a mapping (prompts, inception, clip, "
                          f"reference, ...), got {spec['standard']!r}")
     return spec
+
+
+EXPORT_KEYS = {
+    "path": "the export folder (with distill_config.json)",
+    "name": "its name in the table (default: the folder's name)",
+    "steps": "a step count it serves, or a list of them (default: its own)",
+    "guidance": "CFG scale (default: its own)",
+}
+
+
+def _export_entry(i: int, e) -> dict:
+    """One ``exports`` entry as a mapping, each of its keys checked."""
+    where = f"exports[{i}] in the spec"
+    e = {"path": e} if isinstance(e, str) else e
+    if not isinstance(e, dict):
+        raise ValueError(f"{where} is {e!r}, but must be a path or a mapping with "  # noqa: TRY004
+                         f"{', '.join(EXPORT_KEYS)}")
+    unknown = sorted(set(e) - set(EXPORT_KEYS))
+    if unknown:
+        allowed = "; ".join(f"{k}: {v}" for k, v in EXPORT_KEYS.items())
+        raise ValueError(f"unknown key(s) {unknown} in {where}; an entry may hold {allowed}")
+    if not isinstance(e.get("path"), str) or not e["path"]:
+        raise ValueError(f"{where} has no path (got {e.get('path')!r}); give path: "
+                         "EXPORT_FOLDER")
+    steps = e.get("steps")
+    counts = steps if isinstance(steps, list) else [steps]
+    if steps is not None and not (counts and all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts)):
+        raise ValueError(f"{where}: steps is {steps!r}, but must be a step count >= 1 or a "
+                         "list of them")
+    g = e.get("guidance")
+    if g is not None and not (isinstance(g, (int, float)) and not isinstance(g, bool)
+                              and math.isfinite(g) and g >= 0):
+        raise ValueError(f"{where}: guidance is {g!r}, but must be a finite number >= 0")
+    if e.get("name") is not None and not isinstance(e["name"], str):
+        raise ValueError(f"{where}: name is {e['name']!r}, but must be a string")
+    return dict(e)
+
+
+def check_models(spec: dict, cells: list[dict]):
+    """Every model the cells name, before the first cell runs: the teacher folder exists,
+    each export's distill_config.json is sound and serves each step count asked of it."""
+    from ..assets import resolve_teacher_path
+    from ..export_config import read_export_config, served_steps
+
+    if spec.get("teacher"):
+        folder = resolve_teacher_path(spec["teacher"])
+        if not os.path.isdir(folder) and os.path.exists(folder):
+            raise ValueError(f"teacher {spec['teacher']!r} in the spec is a file; give a "
+                             "pipeline folder (with model_index.json) or embedded:sd")
+        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder,
+                                                                      "model_index.json")):
+            raise ValueError(f"teacher {spec['teacher']!r} in the spec has no "
+                             "model_index.json; give a diffusers pipeline folder")
+    configs: dict = {}
+    for c in cells:
+        if c["model"] in ("teacher", "real-data"):
+            continue
+        if c["path"] not in configs:
+            folder = resolve_teacher_path(c["path"])
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"export {c['path']!r} ({c['model']}) in the spec does "
+                                        "not exist or is not a folder")
+            configs[c["path"]] = read_export_config(folder)
+        served = served_steps(configs[c["path"]])
+        if c["steps"] is not None and c["steps"] not in served:
+            raise ValueError(f"export {c['model']!r} in the spec: steps {c['steps']} is not a "
+                             f"count it serves; it samples with {served} step(s)")
 
 
 def cells_of(spec: dict) -> list[dict]:
@@ -96,9 +189,7 @@ def cells_of(spec: dict) -> list[dict]:
             cells.append({"model": "teacher", "path": spec["teacher"], "steps": int(steps),
                           "guidance": spec.get("teacher_guidance")})
     for i, e in enumerate(spec["exports"]):
-        e = {"path": e} if isinstance(e, str) else dict(e)
-        if "path" not in e:
-            raise ValueError(f"export #{i} in the spec has no path: {e}")
+        e = _export_entry(i, e)
         name = e.get("name") or os.path.basename(os.path.normpath(e["path"]))
         steps = e.get("steps")
         for s in (steps if isinstance(steps, list) else [steps]):

@@ -229,6 +229,12 @@ def model_head(loaded, steps=None, guidance=None, name=None) -> tuple[dict, int 
     pipe, model_kind, defaults = loaded.pipe, loaded.kind, loaded.defaults
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
+    served = getattr(loaded.call, "servable_steps", None) if model_kind == "student" else None
+    if steps is not None and served and steps not in served:
+        # refused before sampling: every batch would fail the same way
+        raise ValueError(f"--steps {steps}: this export samples with {served} step(s); pass "
+                         f"--steps one of those, or leave it out for its own "
+                         f"({defaults['steps']})")
     steps_used = steps if steps is not None else defaults["steps"]
     if model_kind == "teacher" and steps is None:
         steps = steps_used  # a teacher always gets an explicit, recorded step count

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from ..samplers import StudentSampler
 
@@ -29,6 +32,100 @@ class RoleSettings:
     ema: bool = False
 
 
+# -- method options: each objective declares its own, checked when the recipe loads ----------
+
+@dataclass(frozen=True)
+class Option:
+    """The values one method option takes: ``test(value)`` and the same in words (the recipe's
+    message form: "recipe key 'method.X' is V, but must be <allowed>")."""
+
+    test: Callable[[object], bool]
+    allowed: str
+
+
+def table(*bases: Mapping, **options: Option) -> Mapping[str, Option]:
+    """An objective's option table (read-only): ``bases`` (e.g. a parent's table) updated
+    with ``options``."""
+    merged: dict = {}
+    for base in bases:
+        merged.update(base)
+    merged.update(options)
+    return MappingProxyType(merged)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _maybe(test, words, none):
+    if none:
+        return Option(lambda v: v is None or test(v), words + ", or null")
+    return Option(test, words)
+
+
+def integer(lo: int = 1, hi: int | None = None, none: bool = False) -> Option:
+    words = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
+    return _maybe(lambda v: _int(v) and v >= lo and (hi is None or v <= hi), words, none)
+
+
+def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+           hi_open: bool = False, none: bool = False) -> Option:
+    """A finite number in the range (``*_open``: the bound itself excluded)."""
+    def test(v):
+        return _num(v) and (lo is None or (v > lo if lo_open else v >= lo)) and \
+            (hi is None or (v < hi if hi_open else v <= hi))
+    if lo is not None and hi is not None:
+        words = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    elif lo is not None:
+        words = f"a finite number {'>' if lo_open else '>='} {lo}"
+    elif hi is not None:
+        words = f"a finite number {'<' if hi_open else '<='} {hi}"
+    else:
+        words = "a finite number"
+    return _maybe(test, words, none)
+
+
+def choice(*values, none: bool = False) -> Option:
+    return _maybe(lambda v: isinstance(v, str) and v in values,
+                  "one of " + ", ".join(map(str, values)), none)
+
+
+def flag() -> Option:
+    return Option(lambda v: isinstance(v, bool), "true or false")
+
+
+def text(none: bool = True) -> Option:
+    return _maybe(lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty name", none)
+
+
+def counts(none: bool = True) -> Option:
+    """A list of step counts (each an integer >= 1)."""
+    return _maybe(lambda v: isinstance(v, list) and len(v) > 0 and all(
+        _int(n) and n >= 1 for n in v), "a non-empty list of integers >= 1, e.g. [1, 2, 4]",
+        none)
+
+
+# Constructor arguments the loop supplies from the recipe (student.num_steps /
+# student.timesteps, train.steps): never options a recipe sets in its method section.
+CONTEXT = ("student_times", "total_steps")
+
+
+def recipe_student_steps(recipe: dict) -> int:
+    """The student's step count a recipe asks for (its explicit times, else num_steps)."""
+    student = recipe["student"]
+    return len(student["timesteps"]) if student.get("timesteps") else student["num_steps"]
+
+
+def time_range_problems(o: dict):
+    """``t_min < t_max``, the relation every family with a re-noising range has."""
+    if o["t_max"] <= o["t_min"]:
+        yield "t_max", o["t_max"], f"above method.t_min ({o['t_min']})"
+
+
 class Objective:
     """Base class. ``roles``: adapters the method trains; ``needs_data``: wants real x0.
 
@@ -42,6 +139,17 @@ class Objective:
     needs_data: bool = False
     # set by build_objective from the recipe (student.num_steps / student.timesteps)
     student_times: list[float] | None = None
+    # {option: Option}: every constructor argument a recipe may set, with its values. The
+    # recipe loader checks them (and :meth:`plan`) before any work; a dotted user objective
+    # without a table gets its signature checked only.
+    options: Mapping[str, Option] = table()
+
+    @classmethod
+    def plan(cls, o: dict, recipe: dict):
+        """Relations between options (and recipe keys) the table cannot say: yields
+        ``(option, value, allowed)`` for each one broken. ``o``: every option, defaults
+        filled in."""
+        return ()
 
     def setup(self, nets) -> None:
         """Called once before the optimizers are built: add extra trained modules here."""
@@ -115,6 +223,41 @@ def resolve(name: str):
                          "method must be a class deriving from diffusion_distill.objectives."
                          "Objective.")
     return cls
+
+
+def option_problems(method: dict, recipe: dict):
+    """Each ``(key, value, allowed)`` of ``method`` (a recipe's method section) that its
+    objective's option table or :meth:`Objective.plan` refuses; ``key`` is the recipe key."""
+    cls = resolve(method["name"])
+    params = inspect.signature(cls.__init__).parameters
+    settable = [p for p in params if p not in ("self", *CONTEXT)
+                and params[p].kind not in (params[p].VAR_POSITIONAL, params[p].VAR_KEYWORD)]
+    given = {k: v for k, v in method.items() if k != "name"}
+    for key, value in given.items():
+        if key not in settable:
+            yield (f"method.{key}", value,
+                   (f"an option of method {method['name']!r} (its options: "
+                   f"{', '.join(settable) or 'none'}); remove it or fix its spelling"))
+    if any(k not in settable for k in given):
+        return
+    bad = False
+    for key, value in given.items():
+        option = cls.options.get(key)
+        if option is None:
+            continue
+        try:
+            ok = bool(option.test(value))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            bad = True
+            yield f"method.{key}", value, option.allowed
+    if bad:  # the relations assume each value is of its kind
+        return
+    o = {p: params[p].default for p in settable if params[p].default is not params[p].empty}
+    o.update(given)
+    for key, value, allowed in cls.plan(o, recipe):
+        yield key if "." in key else f"method.{key}", value, allowed
 
 
 def build_objective(method: dict, **context) -> Objective:

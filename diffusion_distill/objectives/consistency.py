@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from ..denoiser import ddim_step
 from ..parameterization import add_noise
 from ..samplers import StudentSampler, vp_timesteps
-from . import Objective
+from . import Objective, choice, counts, integer, number, recipe_student_steps, table
 from .common import AnyStepCount, bcast, edm_sigma, seeded, time_of_edm_sigma
 
 DEFAULT_STEPS = (1, 2, 4, 8)
@@ -242,6 +242,30 @@ class _ConsistencyDistillation(Objective):
     the target network, the metric. Subclasses say where both sides are carried (``_carry``)."""
 
     needs_data = True
+    options = table(
+        solver_steps=integer(1), w_min=number(0), w_max=number(0),
+        target=choice("student", "ema"), loss=choice("l2", "huber"),
+        huber_c=number(0, lo_open=True), sample_steps=counts(),
+        num_train_timesteps=integer(2),
+    )
+
+    @classmethod
+    def plan(cls, o, recipe):
+        if o["solver_steps"] > o["num_train_timesteps"]:
+            yield ("solver_steps", o["solver_steps"],
+                   f"at most method.num_train_timesteps ({o['num_train_timesteps']})")
+        if o["w_max"] < o["w_min"]:
+            yield "w_max", o["w_max"], f"at least method.w_min ({o['w_min']})"
+        too_many = [n for n in o.get("sample_steps") or () if n > o["solver_steps"]]
+        if too_many:
+            yield ("sample_steps", o["sample_steps"],
+                   (f"step counts of at most method.solver_steps ({o['solver_steps']}): the "
+                   f"student samples on the solver's grid, so {too_many} cannot be served"))
+        n = recipe_student_steps(recipe)
+        if n > o["solver_steps"]:
+            yield ("student.num_steps", n,
+                   (f"at most method.solver_steps ({o['solver_steps']}): a consistency student "
+                   "samples on the teacher solver's grid"))
 
     def __init__(self, solver_steps: int = 50, w_min: float = 3.0, w_max: float = 15.0,
                  target: str = "student", loss: str = "l2", huber_c: float = 0.001,
@@ -334,6 +358,8 @@ class LCM(_ConsistencyDistillation):
     """
 
     name = "lcm"
+    options = table(_ConsistencyDistillation.options, sigma_data=number(0, lo_open=True),
+                    timestep_scaling=number(0, lo_open=True))
 
     def __init__(self, solver_steps: int = 50, w_min: float = 3.0, w_max: float = 15.0,
                  target: str = "student", loss: str = "l2", huber_c: float = 0.001,
@@ -368,6 +394,7 @@ class TCD(_ConsistencyDistillation):
     """
 
     name = "tcd"
+    options = table(_ConsistencyDistillation.options, gamma=number(0, 1))
 
     def __init__(self, gamma: float = 0.3, solver_steps: int = 50, w_min: float = 3.0,
                  w_max: float = 15.0, target: str = "student", loss: str = "l2",
@@ -379,6 +406,16 @@ class TCD(_ConsistencyDistillation):
                          total_steps)
         TCDSampler([1.0], self.grid, gamma)  # checks gamma
         self.gamma = float(gamma)
+
+    def setup(self, nets):
+        super().setup(nets)
+        # refused before training, not at the export: no stock flow scheduler re-noises part way
+        if nets.schedule.kind == "flow" and self.gamma not in (0.0, 1.0):
+            raise ValueError(
+                f"recipe key 'method.gamma' is {self.gamma!r}, but must be 0 (deterministic) or "
+                "1 (stochastic) on this flow teacher: FlowMatchEulerDiscreteScheduler, which "
+                "samples its export, re-noises fully or not at all; fix it in the recipe file "
+                "or override it (method.gamma=...)")
 
     def sampler(self, num_steps=None):
         self._check_steps(num_steps)
@@ -409,6 +446,22 @@ class PCM(_ConsistencyDistillation):
     """
 
     name = "pcm"
+    # no sample_steps: PCM serves the multiples of its phase count
+    options = table({k: v for k, v in _ConsistencyDistillation.options.items()
+                     if k != "sample_steps"}, phases=integer(1, none=True))
+
+    @classmethod
+    def plan(cls, o, recipe):
+        k, n = o["phases"], recipe_student_steps(recipe)
+        if k is not None and k > o["solver_steps"]:
+            yield ("phases", k, (f"at most method.solver_steps ({o['solver_steps']}): each "
+                   "phase edge is a timestep of the solver's grid"))
+        elif k is not None and k != n:
+            yield ("phases", k,
+                   (f"equal to student.num_steps ({n}): the export samples with one step per "
+                   "phase (and serves its multiples); set both to the same count, or drop "
+                   "method.phases (it defaults to student.num_steps)"))
+        yield from super().plan(o, recipe)
 
     def __init__(self, phases: int | None = None, solver_steps: int = 50, w_min: float = 3.0,
                  w_max: float = 15.0, target: str = "student", loss: str = "huber",
@@ -458,6 +511,14 @@ class ECT(AnyStepCount, Objective):
 
     name = "ect"
     needs_data = True
+    options = table(
+        P_mean=number(), P_std=number(0, lo_open=True),
+        # 0 makes the weighting (s^2 + sd^2) / (s sd)^2 infinite
+        sigma_data=number(0, lo_open=True),
+        q=number(1, lo_open=True), k=number(0), b=number(0),
+        stage_every=integer(1, none=True), huber_c=number(0, lo_open=True, none=True),
+        sample_steps=counts(),
+    )
 
     def __init__(self, P_mean: float = -1.1, P_std: float = 2.0, sigma_data: float = 0.5,
                  q: float = 4.0, k: float = 8.0, b: float = 1.0, stage_every: int | None = None,

@@ -19,7 +19,7 @@ import torch
 
 from ..denoiser import Cond
 from ..parameterization import add_noise, from_x0
-from . import Objective
+from . import Objective, choice, number, table
 
 T_SAMPLINGS = ("uniform", "logit_normal")
 LOSS_WEIGHTS = ("simple", "v")
@@ -45,6 +45,11 @@ class Denoising(Objective):
     """
 
     name = "denoising"
+    options = table(
+        t_sampling=choice(*T_SAMPLINGS, "auto"), logit_mean=number(),
+        logit_std=number(0, lo_open=True), p_uncond=number(0, 1, hi_open=True),
+        t_min=number(0, 1, hi_open=True), loss_weight=choice(*LOSS_WEIGHTS),
+    )
 
     roles = ("student",)
     needs_data = True

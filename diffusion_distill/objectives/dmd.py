@@ -34,7 +34,17 @@ import torch.nn.functional as F
 
 from ..denoiser import ddim_step
 from ..samplers import StudentSampler
-from . import Objective, RoleSettings
+from . import (
+    Objective,
+    RoleSettings,
+    flag,
+    integer,
+    number,
+    recipe_student_steps,
+    table,
+    text,
+    time_range_problems,
+)
 from .common import (
     GANHead,
     bcast,
@@ -66,6 +76,17 @@ class DMD2(Objective):
     name = "dmd2"
 
     roles = ("student", "critic")
+    options = table(
+        critic_steps=integer(1), t_min=number(0, 1), t_max=number(0, 1),
+        # the teacher's CFG scale: as teacher.guidance, never negative
+        guidance=number(0, none=True), gan_weight=number(0),
+        gan_critic_weight=number(0), gan_feature_module=text(),
+        backward_simulation=flag(),
+    )
+
+    @classmethod
+    def plan(cls, o, recipe):
+        return time_range_problems(o)
 
     def __init__(self, critic_steps: int = 5, t_min: float = 0.02, t_max: float = 0.98,
                  guidance: float | None = None, gan_weight: float = 0.0,
@@ -151,6 +172,7 @@ class DMD(DMD2):
     """The original DMD direction without the regression loss: one critic step per student step."""
 
     name = "dmd"
+    options = table({k: DMD2.options[k] for k in ("t_min", "t_max", "guidance")})
 
     def __init__(self, t_min: float = 0.02, t_max: float = 0.98, guidance: float | None = None,
                  student_times: list[float] | None = None, total_steps: int | None = None):
@@ -168,6 +190,8 @@ class DecoupledDMD(DMD2):
     """
 
     name = "decoupled_dmd"
+    options = table({k: v for k, v in DMD2.options.items() if not k.startswith("gan_")},
+                    ca_weight=number(0), dm_weight=number(0), ca_above_student_t=flag())
 
     def __init__(self, ca_weight: float = 1.0, dm_weight: float = 1.0,
                  ca_above_student_t: bool = True, critic_steps: int = 5, t_min: float = 0.02,
@@ -239,6 +263,21 @@ class PhasedDMD(DMD2):
     """
 
     name = "phased_dmd"
+    options = table({k: DMD2.options[k] for k in ("critic_steps", "t_min", "t_max", "guidance")})
+
+    @classmethod
+    def plan(cls, o, recipe):
+        yield from time_range_problems(o)
+        phases, steps = recipe_student_steps(recipe), recipe["train"]["steps"]
+        need = phases * o["critic_steps"]
+        if steps < need:
+            # phase k trains over steps/K steps, its expert on every critic_steps-th: fewer
+            # than critic_steps steps in a phase can leave an expert never trained
+            yield ("train.steps", steps,
+                   (f"at least {need}: phased_dmd trains its {phases} experts one after another, "
+                   f"train.steps / {phases} steps each, and an expert learns only on every "
+                   f"method.critic_steps-th ({o['critic_steps']}) step, so each phase needs "
+                   f"{o['critic_steps']} steps or more (far more to learn anything)"))
 
     def __init__(self, student_times: list[float] | None = None, critic_steps: int = 5,
                  t_min: float = 0.02, t_max: float = 0.98, guidance: float | None = None,

@@ -101,7 +101,7 @@ import math
 import torch
 from torch import nn
 
-from . import Objective
+from . import Objective, choice, counts, flag, integer, number, table
 from .common import (
     AnyStepCount,
     bcast,
@@ -165,6 +165,17 @@ class SCM(AnyStepCount, Objective):
 
     name = "scm"
     needs_data = True
+    options = table(
+        sigma_data=number(0, lo_open=True), P_mean=number(),
+        P_std=number(0, lo_open=True), tangent=choice(*TANGENTS),
+        fd_step=number(0, lo_open=True),
+        warmup_steps=integer(0, none=True),  # 0: no warm-up; negative is no count
+        tangent_c=number(0), tangent_norm=choice(*TANGENT_NORMS),
+        adaptive_weighting=flag(), prior_weighting=flag(), sample_steps=counts(),
+        score_regularization=number(0), critic_steps=integer(1),
+        max_simulation_steps=integer(1), D_mean=number(),
+        D_std=number(0, lo_open=True),
+    )
 
     def __init__(self, sigma_data: float = 0.5, P_mean: float = -1.0, P_std: float = 1.4,
                  tangent: str = "jvp", fd_step: float = 1e-4, warmup_steps: int | None = None,

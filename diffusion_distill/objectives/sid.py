@@ -61,7 +61,7 @@ from ..parameterization import from_x0
 from ..samplers import StudentSampler
 from ..schedules import student_timesteps
 from ..step import NonFiniteLossError
-from . import Objective
+from . import Objective, Option, integer, number, table, text, time_range_problems
 from .common import (
     GANHead,
     bcast,
@@ -120,6 +120,28 @@ class SiD(Objective):
 
     name = "sid"
     roles = ("student", "critic")
+    options = table(
+        alpha=number(0), t_min=number(0, 1), t_max=number(0, 1),
+        t_init=number(0, 1, lo_open=True, none=True),
+        guidance=Option(lambda v: v in GUIDANCE_PRESETS if isinstance(v, str) else
+                        number(0).test(v),
+                        f"a strategy ({', '.join(GUIDANCE_PRESETS)}) or a CFG scale >= 0"),
+        guidance_scale=number(0, none=True),
+        # kappa2 = kappa3 is the critic's scale inside the generator loss: negative is
+        # anti-CFG there (the anti_cfg preset); the teacher's and the critic's own training
+        # scales are CFG scales, never negative
+        kappa1=number(0, none=True), kappa2=number(none=True),
+        kappa3=number(none=True), kappa4=number(0, none=True),
+        anti_scale=number(hi=0), prompt_drop=number(0, 1, hi_open=True, none=True),
+        critic_steps=integer(1), max_nonfinite_steps=integer(1),
+    )
+
+    @classmethod
+    def plan(cls, o, recipe):
+        yield from time_range_problems(o)
+        if o["kappa2"] is not None and o["kappa3"] is not None and o["kappa2"] != o["kappa3"]:
+            yield ("kappa3", o["kappa3"], (f"equal to method.kappa2 ({o['kappa2']}): the "
+                   "critic's guided x0 in the generator loss is computed once"))
 
     def __init__(self, alpha: float = 1.0, t_min: float = 0.02, t_max: float = 0.98,
                  t_init: float | None = None, guidance: str | float = "lsg",
@@ -376,6 +398,8 @@ class SiDA(SiD):
     """
 
     name = "sida"
+    options = table(SiD.options, gan_weight=number(0), gan_critic_weight=number(0),
+                    gan_feature_module=text())
 
     def __init__(self, gan_weight: float = 0.01, gan_critic_weight: float = 0.01,
                  gan_feature_module: str | None = None, alpha: float = 1.0,
