@@ -14,8 +14,9 @@ from .step import Randomness
 class Batches:
     """Prompts (and real images, when the objective wants them) for each (step, micro)."""
 
-    def __init__(self, recipe, teacher, needs_data: bool):
+    def __init__(self, recipe, teacher, objective):
         d = recipe["data"]
+        needs_data = objective.needs_data
         self.teacher, self.needs_data = teacher, needs_data
         self.source = d["source"]
         if self.source == "world":
@@ -39,8 +40,9 @@ class Batches:
                 raise ValueError("data.source is 'prompts' but no prompts were given; set "
                                  "data.prompts (a list) or data.path (a .txt, one per line)")
             if needs_data:
-                raise ValueError("this method needs real images (e.g. DMD2 with gan_weight > 0)"
-                                 "; use data.source=world or folder, or set gan_weight=0")
+                raise ValueError(f"data.source is 'prompts' (no images), but "
+                                 f"{objective.data_advice()}; or use data.source=world or "
+                                 "folder")
             self.prompt_list = list(prompts)
         else:
             raise ValueError(f"data.source must be 'world', 'folder' or 'prompts', got "

@@ -60,7 +60,7 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 # -- output folders -------------------------------------------------------------------------
 
-def _inside(path: str, folder: str) -> bool:
+def is_inside(path: str, folder: str) -> bool:
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
@@ -82,7 +82,7 @@ def check_output_dir(final: str, markers=(), what: str = "output folder") -> boo
             "written earlier by the same command)")
     if not os.path.isdir(final):
         return False
-    if _inside(os.getcwd(), final):
+    if is_inside(os.getcwd(), final):
         raise OutputFolderError(
             f"{what} {final!r} is the current folder (or holds it) and would be replaced; "
             "choose a new folder, e.g. --out runs/NAME/export")

@@ -98,7 +98,7 @@ def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = No
     sampler = objective.sampler()
     wanted = role or recipe["output"]["export_role"]
     use_ema = wanted == "ema"
-    if wanted not in ("ema", "student") and wanted not in nets.roles._params:
+    if wanted not in ("ema", "student") and wanted not in nets.roles.trainable:
         raise ValueError(f"export role {wanted!r} does not exist in this run; roles: "
                          f"{['ema', *nets.roles.trainable]}")
     component = backbone_name(teacher.pipe)
@@ -229,9 +229,9 @@ def add_parser(sub):
 
 def _cli(args):
     from .build import restore_run
-    from .checkpoint import OutputFolderError, _inside, check_output_dir
+    from .checkpoint import OutputFolderError, check_output_dir, is_inside
 
-    if _inside(args.run, args.out):
+    if is_inside(args.run, args.out):
         raise OutputFolderError(
             f"--out {args.out!r} is the run folder {args.run!r} or a folder above it; an export "
             "there would replace the run. Choose a new folder, e.g. --out exports/NAME (or "

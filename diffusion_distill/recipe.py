@@ -305,7 +305,8 @@ _RULES = [
 ]
 
 
-def _get(recipe: dict, path: str):
+def recipe_value(recipe: dict, path: str):
+    """The value at a dotted key path of a resolved recipe, e.g. ``train.lr``."""
     node = recipe
     for k in path.split("."):
         node = node[k]
@@ -322,7 +323,7 @@ def validate(recipe: dict):
     """Check every value against its allowed range; :class:`RecipeError` names the key path,
     the value, what is allowed and what to do."""
     for path, test, allowed in _RULES:
-        value = _get(recipe, path)
+        value = recipe_value(recipe, path)
         if value is None:
             continue
         try:

@@ -82,15 +82,15 @@ class RunLockedError(ValueError):
 
 
 def _identity_diff(old: dict, new: dict) -> list[str]:
-    from .recipe import _get
+    from .recipe import recipe_value
 
     diff = []
     for key in IDENTITY_KEYS:
         try:
-            a = _get(old, key)
+            a = recipe_value(old, key)
         except (KeyError, TypeError):
             a = None
-        b = _get(new, key)
+        b = recipe_value(new, key)
         if a != b:
             diff.append(f"{key}: {a!r} -> {b!r}")
     a, b = old.get("method") or {}, new["method"]

@@ -145,7 +145,7 @@ def train_step(objective, nets, optimizers, batches, step: int, cfg: dict, local
                     raise NonFiniteLossError(
                         f"step {step}: the {role} loss is {loss.item()} (terms: {ctx.logs}); "
                         f"stopped. The last good checkpoint stays at {last or '(none yet)'}; "
-                        "lower train.lr or check the data.")
+                        f"{objective.nonfinite_advice(role)}.")
                 loss = loss / cfg["grad_accum"]
                 observe("forward", role)
                 backward(loss, inputs=nets.params(role))

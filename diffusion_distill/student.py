@@ -258,9 +258,11 @@ class Nets:
         if guidance is None:
             guidance = self.guidance if role == TEACHER else 1.0
         with self.roles.use(role):
-            denoiser = (self._denoisers[role] if self._denoisers is not None
-                        else self.teacher_model.denoiser)
-            return denoiser(x_t, t, cond, guidance=guidance)
+            return self.denoiser(role)(x_t, t, cond, guidance=guidance)
+
+    def denoiser(self, role: str) -> Denoiser:
+        """The denoiser that computes ``role`` (the teacher's, on a shared base)."""
+        return self.teacher_model.denoiser if self._denoisers is None else self._denoisers[role]
 
     def teacher(self, x_t, t, cond, guidance=None):
         return self.x0(TEACHER, x_t, t, cond, guidance)

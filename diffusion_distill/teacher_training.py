@@ -143,7 +143,7 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
     collapse = None
     if teacher.family == "sd3":
         # Same function, ~5x cheaper: see world.teachers.RepeatedTokenJointAttention.
-        student_denoiser = nets._denoisers["student"]
+        student_denoiser = nets.denoiser("student")
         student_denoiser.uncond, collapse = world_teachers.collapse_repeated_context(
             student_denoiser.uncond)
         roles.networks["student"].set_attn_processor(

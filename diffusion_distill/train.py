@@ -108,7 +108,7 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress)
 
     torch.manual_seed(cfg["seed"])  # adapters' random init is the same on every process
     teacher, objective, nets = setup_run(recipe, device, teacher, networks)
-    batches = Batches(recipe, teacher, objective.needs_data)
+    batches = Batches(recipe, teacher, objective)
 
     per_step = world * cfg["grad_accum"]
     if cfg["batch_size"] % per_step:

@@ -123,7 +123,7 @@ def _toy_loop(method, tmp_path):
     recipe = _toy_recipe(method, tmp_path, steps=10)
     _, objective, nets = setup_run(recipe, "cpu", teacher, _networks())
     optimizers = build_optimizers(objective, nets, recipe["train"])
-    batches = Batches(recipe, teacher, objective.needs_data)
+    batches = Batches(recipe, teacher, objective)
     return recipe, objective, nets, optimizers, batches
 
 

@@ -120,11 +120,16 @@ class Exploding(Objective):
         ctx.log(denoise=loss)
         yield "student", loss * (float("inf") if ctx.step == 3 else 1.0)
 
+    def nonfinite_advice(self, role):
+        return f"defuse the {role}"
+
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_sd_path, tmp_path):
     recipe = tiny_recipe(tiny_sd_path, tmp_path / "run", method={"name": "test_train:Exploding"},
                          steps=6, checkpoint_every=2)
-    with pytest.raises(NonFiniteLossError, match=r"step 3: the student loss is inf.*denoise"):
+    # the advice is the objective's, not one the loop writes for every method
+    with pytest.raises(NonFiniteLossError,
+                       match=r"step 3: the student loss is inf.*denoise.*defuse the student\.$"):
         train(recipe, progress=False)
     assert [s for s, _ in list_checkpoints(recipe["output"]["dir"])] == [2]
     load_file(os.path.join(latest_checkpoint(recipe["output"]["dir"]), "weights.safetensors"))
@@ -180,3 +185,21 @@ def test_a_resumed_run_logs_each_evaluated_step_once(tiny_sd_path, tmp_path):
     with open(os.path.join(run_dir, "eval.jsonl")) as f:
         steps = [json.loads(line)["step"] for line in f]
     assert steps == [0, 1, 2, 3, 4], steps
+
+
+def test_a_source_without_images_is_refused_with_the_objectives_reason():
+    """The refusal names what the objective needs real images for: DMD2's gan_weight only
+    when it is DMD2's GAN term that needs them, never for another method."""
+    from diffusion_distill.batches import Batches
+    from diffusion_distill.objectives import build_objective
+    from diffusion_distill.recipe import load_recipe
+
+    recipe = load_recipe({"data": {"source": "prompts", "prompts": ["a red circle"]}})
+    gan = build_objective({"name": "dmd2", "gan_weight": 0.1})
+    with pytest.raises(ValueError, match=r"prompts.*gan_weight=0.1 > 0.*gan_weight=0"):
+        Batches(recipe, None, gan)
+    lcm = build_objective({"name": "lcm"}, student_times=[1.0])
+    with pytest.raises(ValueError, match="LCM trains on real images") as refused:
+        Batches(recipe, None, lcm)
+    assert "gan_weight" not in str(refused.value)
+    Batches(recipe, None, build_objective({"name": "dmd2"}))  # no GAN term: prompts suffice

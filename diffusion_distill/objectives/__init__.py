@@ -154,6 +154,17 @@ class Objective:
     def setup(self, nets) -> None:
         """Called once before the optimizers are built: add extra trained modules here."""
 
+    # The loop's messages end with the objective's advice: only the objective knows which of
+    # its options matter (the loop never names a method's option).
+    def data_advice(self) -> str:
+        """Why this objective wants real images (``needs_data``), and how it could do
+        without them, for the refusal of a data source that has none."""
+        return f"{type(self).__name__} trains on real images"
+
+    def nonfinite_advice(self, role: str) -> str:
+        """What to try when ``role``'s loss is NaN or infinite."""
+        return "lower train.lr or check the data"
+
     def __call__(self, nets, batch, ctx):
         raise NotImplementedError
 

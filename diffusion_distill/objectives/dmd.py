@@ -114,6 +114,14 @@ class DMD2(Objective):
             self.head = GANHead.attach(nets, self.gan_feature_module)
             nets.add_extra("critic", "gan_head", self.head)
 
+    def data_advice(self) -> str:
+        return (f"{type(self).__name__}'s GAN term (method.gan_weight={self.gan_weight} > 0) "
+                "trains on real images; set method.gan_weight=0 to train from prompts alone")
+
+    def nonfinite_advice(self, role: str) -> str:
+        advice = "lower train.lr (or train.lr_critic) or check the data"
+        return advice + (", or lower method.gan_weight" if self.gan_weight > 0 else "")
+
     def student_step(self, ctx) -> bool:
         return ctx.step % self.critic_steps == 0
 

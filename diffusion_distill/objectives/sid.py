@@ -423,6 +423,10 @@ class SiDA(SiD):
         self.gan_feature_module = gan_feature_module
         self.needs_data = gan_weight > 0
 
+    def data_advice(self) -> str:
+        return (f"SiDA's GAN term (method.gan_weight={self.gan_weight} > 0) trains on real "
+                "images; set method.gan_weight=0 to train from prompts alone")
+
     def setup(self, nets):
         super().setup(nets)
         if self.gan_weight > 0:
