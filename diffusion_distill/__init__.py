@@ -19,6 +19,10 @@ def __getattr__(name):
         from . import teachers
 
         return getattr(teachers, name)
+    if name == "resolve_teacher_path":  # an export's teacher reference -> from_pretrained's
+        from .assets import resolve_teacher_path
+
+        return resolve_teacher_path
     if name == "load_student":
         from . import student_pipeline
 

@@ -7,8 +7,9 @@ An export folder holds
   ``pytorch_lora_weights_kohya.safetensors`` with kohya / ComfyUI key names.
   A student served by several adapters (an expert per phase) has one such file per adapter
   in a sub-folder named after it, loaded as named adapters and switched per step.
-* ``distill_config.json``: the teacher it belongs to (as given, as a path ``from_pretrained``
-  accepts, and a fingerprint of its base weights), the scheduler class and config, the call
+* ``distill_config.json``: the teacher it belongs to (as given, as a reference that works from
+  any folder: ``embedded:NAME``, an absolute folder or a hub id, and a fingerprint of its base
+  weights), the scheduler class and config, the call
   arguments for every step count the student serves, the adapter of each step, and
   ``usage``: the plain-diffusers lines that sample it.
 
@@ -20,7 +21,7 @@ import hashlib
 import json
 import os
 
-from .assets import resolve_teacher_path
+from .assets import EMBEDDED_PREFIX
 
 CONFIG_NAME = "distill_config.json"
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -60,11 +61,14 @@ def _kohya(state: dict) -> dict | None:
 
 
 def teacher_reference(recipe: dict, teacher) -> dict:
-    """How the export names its teacher: as the recipe gave it, and as a path or hub id that
-    diffusers' ``from_pretrained`` accepts (an embedded teacher's folder, resolved here)."""
+    """How the export names its teacher: as the recipe gave it, and as a reference that works
+    from any folder: ``embedded:NAME`` as it is (every install ships that teacher, so an export
+    copied to another machine or checkout still finds it; ``resolve_teacher_path`` turns it
+    into the folder ``from_pretrained`` takes), a local folder as its absolute path, a hub id
+    as given."""
     given = recipe["teacher"]["path"]
-    pretrained = resolve_teacher_path(given) if given else given
-    if given and os.path.isdir(pretrained) and pretrained == given:
+    pretrained = given
+    if given and not given.startswith(EMBEDDED_PREFIX) and os.path.isdir(given):
         pretrained = os.path.abspath(given)
     return {"path": given, "pretrained": pretrained, "family": teacher.family,
             "pipeline_class": type(teacher.pipe).__name__,
@@ -173,7 +177,9 @@ def usage_snippet(config: dict) -> list[str]:
     lines = [
         "import json, torch, diffusers",
         "cfg = json.load(open('EXPORT/distill_config.json'))",
-        "pipe = diffusers.DiffusionPipeline.from_pretrained(cfg['teacher']['pretrained'])",
+        "from diffusion_distill import resolve_teacher_path  # embedded:NAME -> its folder",
+        ("pipe = diffusers.DiffusionPipeline.from_pretrained("
+         "resolve_teacher_path(cfg['teacher']['pretrained']))"),
         ("pipe.scheduler = getattr(diffusers, cfg['scheduler']['class']).from_config("
          "cfg['scheduler']['config'])"),
     ]

@@ -66,7 +66,7 @@ _TOP = [
     ("teacher", True, _dict, "a mapping (path, pretrained, pipeline_class, base_fingerprint)"),
     ("teacher.path", True, lambda v: v is None or isinstance(v, str), "a path or hub id"),
     ("teacher.pretrained", False, lambda v: v is None or isinstance(v, str),
-     "a path or hub id"),
+     "a path, hub id or embedded:NAME"),
     ("teacher.pipeline_class", True, lambda v: isinstance(v, str) and v.isidentifier(),
      "a diffusers pipeline class name"),
     ("teacher.base_fingerprint", True, lambda v: isinstance(v, str) and bool(v),

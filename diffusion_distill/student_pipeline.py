@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 
-from .assets import resolve_teacher_path
+from .assets import EMBEDDED_PREFIX, resolve_teacher_path
 from .export import CONFIG_NAME, backbone_name, base_fingerprint
 
 
@@ -80,8 +80,9 @@ def load_student(folder: str, teacher: str | None = None, torch_dtype=None) -> S
     path = resolve_teacher_path(
         teacher or config["teacher"].get("pretrained") or config["teacher"]["path"])
     if (teacher is None and not os.path.isdir(path)
-            and str(config["teacher"]["path"]).startswith("embedded:")):
-        # the export was written on another machine: its embedded teacher is ours too
+            and str(config["teacher"]["path"]).startswith(EMBEDDED_PREFIX)):
+        # an export written before the reference was portable names another checkout's
+        # folder for its embedded teacher: that teacher ships here too
         path = resolve_teacher_path(config["teacher"]["path"])
     pipe = load_pipeline(path, torch_dtype=torch_dtype)
     component = getattr(pipe, backbone_name(pipe))

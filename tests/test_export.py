@@ -75,3 +75,42 @@ def test_cli_export_from_run(tiny_sd_path, tmp_path):
     assert main(["export", run_dir, "--out", str(tmp_path / "exp")]) == 0
     assert os.path.isfile(tmp_path / "exp" / "distill_config.json")
     assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_an_export_copied_elsewhere_loads_in_a_fresh_process(tmp_path):
+    """An embedded teacher is recorded as ``embedded:sd``, not as this checkout's folder, so
+    an export moved to another folder (machine, checkout) still loads: here a copy, with the
+    run folder gone, loaded by a new Python process from another working directory, gives
+    the samples the original gave. Catches an export that records the teacher's absolute path
+    (the config check) or a load_student that cannot resolve the reference (the process)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import diffusion_distill
+
+    recipe = tiny_recipe("embedded:sd", tmp_path / "run", steps=2)
+    export = os.path.join(train(recipe, progress=False), "export")
+    moved = tmp_path / "elsewhere" / "student"
+    shutil.copytree(export, moved)
+    prompts = ["a red circle"]
+    here = load_student(export)(prompts, generator=torch.Generator().manual_seed(5),
+                                output_type="latent").images
+    shutil.rmtree(tmp_path / "run")
+    with open(moved / "distill_config.json") as f:
+        text = f.read()
+    assert json.loads(text)["teacher"]["pretrained"] == "embedded:sd"
+    package = os.path.dirname(os.path.abspath(diffusion_distill.__file__))
+    assert package not in text and os.path.dirname(package) not in text
+    script = (
+        "import sys, torch\n"
+        "from diffusion_distill import load_student\n"
+        "student = load_student(sys.argv[1])\n"
+        "out = student(['a red circle'], generator=torch.Generator().manual_seed(5),\n"
+        "              output_type='latent').images\n"
+        "torch.save(out, sys.argv[2])\n")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(package)}
+    (tmp_path / "cwd").mkdir()
+    subprocess.run([sys.executable, "-c", script, str(moved), str(tmp_path / "there.pt")],
+                   check=True, cwd=tmp_path / "cwd", env=env, timeout=120)
+    torch.testing.assert_close(torch.load(tmp_path / "there.pt"), here)
