@@ -211,6 +211,24 @@ class DecoupledDMD(DMD2):
         self.ca_weight, self.dm_weight = ca_weight, dm_weight
         self.ca_above_student_t = ca_above_student_t
 
+    def direction(self, nets, x0, at_dm, at_ca, cond, w):
+        """The student's update direction ``(grad, dm, ca)`` for its sample ``x0``: the DM term
+        at ``at_dm = (x_t, t)``, the CA term at ``at_ca``, each normalised by its own mean
+        distance to ``x0`` and weighted."""
+        (x_dm, t_dm), (x_ca, t_ca) = at_dm, at_ca
+        cond_dm = nets.teacher(x_dm, t_dm, cond, guidance=1.0)
+        fake_dm = nets.critic(x_dm, t_dm, cond)
+        guided = nets.teacher(x_ca, t_ca, cond, guidance=w)
+        cond_ca = nets.teacher(x_ca, t_ca, cond, guidance=1.0)
+        # guided - cond = (w - 1)(cond - uncond): the CA direction, already scaled by w - 1
+        dm = fake_dm - cond_dm
+        ca = -(guided - cond_ca)
+        norm_dm = 1.0 / mean_per_sample((x0 - cond_dm).abs()).clamp_min(1e-6)
+        norm_ca = 1.0 / mean_per_sample((x0 - guided).abs()).clamp_min(1e-6)
+        grad = torch.nan_to_num(self.dm_weight * dm * bcast(norm_dm, x0)
+                                + self.ca_weight * ca * bcast(norm_ca, x0))
+        return grad, dm, ca
+
     def __call__(self, nets, batch, ctx):
         cond = batch["cond"]
         if not self.student_step(ctx):
@@ -234,18 +252,8 @@ class DecoupledDMD(DMD2):
         t_ca = lo + (self.t_max - lo).clamp_min(0) * ctx.rng.rand(n)
         with torch.no_grad():
             x_dm = self.noise(nets, x0.detach(), t_dm, ctx)
-            cond_dm = nets.teacher(x_dm, t_dm, cond, guidance=1.0)
-            fake_dm = nets.critic(x_dm, t_dm, cond)
             x_ca = self.noise(nets, x0.detach(), t_ca, ctx)
-            guided = nets.teacher(x_ca, t_ca, cond, guidance=w)
-            cond_ca = nets.teacher(x_ca, t_ca, cond, guidance=1.0)
-            # guided - cond = (w - 1)(cond - uncond): the CA direction, already scaled by w - 1
-            dm = fake_dm - cond_dm
-            ca = -(guided - cond_ca)
-            norm_dm = 1.0 / mean_per_sample((x0.detach() - cond_dm).abs()).clamp_min(1e-6)
-            norm_ca = 1.0 / mean_per_sample((x0.detach() - guided).abs()).clamp_min(1e-6)
-            grad = torch.nan_to_num(self.dm_weight * dm * bcast(norm_dm, x0)
-                                    + self.ca_weight * ca * bcast(norm_ca, x0))
+            grad, dm, ca = self.direction(nets, x0.detach(), (x_dm, t_dm), (x_ca, t_ca), cond, w)
         loss = surrogate_loss(x0, grad)
         ctx.log(dm_norm=mean_per_sample(dm.abs()).mean(), ca_norm=mean_per_sample(ca.abs()).mean())
         yield "student", loss
