@@ -19,6 +19,9 @@ adapters on it) get it too. Nothing is written by hand that diffusers or torch d
 from __future__ import annotations
 
 import contextlib
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +36,30 @@ SDPA_KERNELS = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTEN
 # ones fetch their kernel from the Hugging Face Hub on first use (the ``kernels`` package,
 # which recent transformers installs), so offline they work only from a warm cache.
 DISPATCH_ONLY = ("flex", "sage", "flash_hub", "sage_hub")
+# The one list of ``train.attention`` values (the recipe check and its message read it here).
 BACKENDS = ("native", *SDPA_KERNELS, "xformers", *DISPATCH_ONLY)
+# Backends that replace the backbone's attention processors (rather than choosing the kernel
+# the processors' own scaled_dot_product_attention call runs).
+REPLACE_PROCESSORS = ("xformers", *DISPATCH_ONLY)
+
+
+@dataclass(frozen=True)
+class Attention:
+    """A run's attention backend: what :func:`set_attention_backend` installed, handed to
+    whoever must know it (gradient checkpointing re-enters ``context`` when it recomputes a
+    block in backward; an objective may refuse a backend), never read back from the model.
+
+    ``context``: for torch's SDPA kernels on processors that call SDPA directly, the
+    ``sdpa_kernel`` context every backbone call enters; None otherwise.
+    """
+
+    name: str = "native"
+    context: Callable[[], contextlib.AbstractContextManager] | None = None
+
+
+# The forward hooks that enter an Attention's context, per backbone, so that choosing again
+# removes them (only this module installs or removes them).
+_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _sdpa_runs(kernel: SDPBackend, device) -> bool:
@@ -87,20 +113,22 @@ def available_backends(device="cpu", backbone=None) -> list[str]:
     return found
 
 
-def set_attention_backend(backbone, backend: str, device="cpu") -> None:
-    """Make every attention call of ``backbone`` use ``backend`` (see the module docstring)."""
-    if backend in (None, "", "native") and not getattr(backbone, "_dd_attention_hooks", None):
-        return
+def set_attention_backend(backbone, backend: str, device="cpu") -> Attention:
+    """Make every attention call of ``backbone`` use ``backend`` (see the module docstring);
+    returns the :class:`Attention` to hand to whoever must know it."""
+    backend = backend or "native"
+    if backend == "native" and backbone not in _HOOKS:
+        return Attention()
     available = available_backends(device, backbone)
     if backend not in available:
         raise ValueError(
             f"attention backend {backend!r} cannot run on {device} for "
-            f"{type(backbone).__name__}; available here: {', '.join(available)}. Set "
-            "train.attention (or --attention) to one of those.")
-    for handle in getattr(backbone, "_dd_attention_hooks", []):
+            f"{type(backbone).__name__}; available here: {', '.join(available)}. Set the "
+            "recipe key train.attention to one of those (in the recipe file, or as an "
+            "override: train.attention=NAME).")
+    for handle in _HOOKS.pop(backbone, []):
         handle.remove()
-    backbone._dd_attention_hooks = []
-    backbone._dd_attention_context = None
+    context = None
     if backend == "xformers":
         backbone.enable_xformers_memory_efficient_attention()
     elif backend in DISPATCH_ONLY:
@@ -115,13 +143,16 @@ def set_attention_backend(backbone, backend: str, device="cpu") -> None:
         if _dispatches(backbone):
             backbone.set_attention_backend(f"_native_{backend}")
         else:
-            backbone._dd_attention_context = lambda: sdpa_kernel([SDPA_KERNELS[backend]])
-            _wrap_calls(backbone, backbone._dd_attention_context)
-    backbone._dd_attention = backend
+            def context():
+                return sdpa_kernel([SDPA_KERNELS[backend]])
+
+            _HOOKS[backbone] = _wrap_calls(backbone, context)
+    return Attention(backend, context)
 
 
-def _wrap_calls(backbone, make_context) -> None:
-    """Enter ``make_context()`` for the duration of every forward call of ``backbone``."""
+def _wrap_calls(backbone, make_context) -> list:
+    """Enter ``make_context()`` for the duration of every forward call of ``backbone``;
+    returns the hooks' handles."""
     stack: list[contextlib.AbstractContextManager] = []
 
     def enter(module, args):
@@ -132,11 +163,10 @@ def _wrap_calls(backbone, make_context) -> None:
     def leave(module, args, output):
         stack.pop().__exit__(None, None, None)
 
-    backbone._dd_attention_hooks = [backbone.register_forward_pre_hook(enter),
-                                    backbone.register_forward_hook(leave)]
+    return [backbone.register_forward_pre_hook(enter), backbone.register_forward_hook(leave)]
 
 
-def enable_gradient_checkpointing(backbone, roles=None) -> None:
+def enable_gradient_checkpointing(backbone, roles=None, attention: Attention | None = None) -> None:
     """Checkpoint the backbone's blocks (diffusers' own switch).
 
     With LoRA roles on one base the recomputation in backward must run under the adapter
@@ -144,7 +174,7 @@ def enable_gradient_checkpointing(backbone, roles=None) -> None:
     switched to another role (or to the bare teacher), and recomputing a block under that
     adapter gives other activations (torch refuses: "a different number of tensors was
     saved"). ``roles`` (a ``SharedBaseRoles``) makes each checkpoint remember its role; the
-    attention kernel chosen by :func:`set_attention_backend` is re-entered the same way.
+    ``attention`` that :func:`set_attention_backend` returned is re-entered the same way.
     """
     if not getattr(backbone, "_supports_gradient_checkpointing", False):
         raise ValueError(f"{type(backbone).__name__} does not support gradient checkpointing; "
@@ -154,7 +184,7 @@ def enable_gradient_checkpointing(backbone, roles=None) -> None:
 
     def checkpoint(function, *args, **kwargs):
         role = roles.active if roles is not None else None
-        attention = getattr(backbone, "_dd_attention_context", None)
+        kernel = attention.context if attention is not None else None
 
         @contextlib.contextmanager
         def recomputation():
@@ -163,8 +193,8 @@ def enable_gradient_checkpointing(backbone, roles=None) -> None:
             with contextlib.ExitStack() as stack:
                 if role is not None:
                     stack.enter_context(roles.use(role))
-                if attention is not None:
-                    stack.enter_context(attention())
+                if kernel is not None:
+                    stack.enter_context(kernel())
                 yield
 
         return torch.utils.checkpoint.checkpoint(
@@ -184,17 +214,21 @@ def compile_backbone(backbone, **options):
     return backbone
 
 
-def apply_to_run(train_cfg: dict, nets, device="cpu") -> None:
+def apply_to_run(train_cfg: dict, nets, device="cpu") -> Attention:
     """The recipe's ``train.attention``, ``train.gradient_checkpointing`` and
-    ``train.compile`` on the run's backbone (the shared base, or each user network)."""
+    ``train.compile`` on the run's backbone (the shared base, or each network of its own);
+    returns the run's :class:`Attention`, which the caller hands on (``nets.attention``)."""
     roles = nets.roles
     shared = getattr(roles, "backbone", None)
     modules = [shared] if shared is not None else list(getattr(roles, "networks", {}).values())
+    attention = Attention()
     for module in modules:
         backend = train_cfg.get("attention") or "native"
         if backend != "native":
-            set_attention_backend(module, backend, device)
+            attention = set_attention_backend(module, backend, device)
         if train_cfg.get("gradient_checkpointing"):
-            enable_gradient_checkpointing(module, roles if shared is not None else None)
+            enable_gradient_checkpointing(module, roles if shared is not None else None,
+                                          attention)
         if train_cfg.get("compile"):
             compile_backbone(module)
+    return attention

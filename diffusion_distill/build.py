@@ -120,7 +120,8 @@ def setup_run(recipe: dict, device="cpu", teacher=None, networks=None):
     nets = build_nets(recipe, teacher, objective, networks)
     from .acceleration import apply_to_run
 
-    apply_to_run(recipe["train"], nets, device)  # attention kernel, checkpointing, compile
+    # attention kernel, checkpointing, compile; the run's attention is handed to its users
+    nets.attention = apply_to_run(recipe["train"], nets, device)
     objective.setup(nets)  # e.g. DMD2's GAN head, trained with the critic
     return teacher, objective, nets
 

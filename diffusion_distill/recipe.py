@@ -118,8 +118,8 @@ DEFAULTS: dict = {
         "eval_num": 64,
         "device": "auto",          # auto | cpu | cuda
         "stop_after": None,        # stop early at this step (tests; the schedule still says steps)
-        "attention": "native",     # native | math | efficient | flash | cudnn | xformers | flex
-                                   # | sage (what runs here is checked; see acceleration.py)
+        "attention": "native",     # acceleration.BACKENDS (native: torch's choice); what
+                                   # runs here is checked when the run is built
         "gradient_checkpointing": False,  # recompute the backbone's activations in backward
         "compile": False,          # torch.compile the repeated blocks (regional)
     },
@@ -258,6 +258,13 @@ def _attention_backends():
     return BACKENDS
 
 
+class _AttentionBackends:
+    """The allowed values in words, read from the one list when a message is written."""
+
+    def __str__(self):
+        return "one of " + ", ".join(_attention_backends())
+
+
 _RULES = [
     ("train.steps", *_POSITIVE_INT),
     ("train.batch_size", *_POSITIVE_INT),
@@ -284,8 +291,7 @@ _RULES = [
     ("train.base_dtype", lambda v: v in ("float32", "bfloat16"), "float32 or bfloat16"),
     ("train.device", lambda v: v in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
     ("train.optimizer", lambda v: v in ("adamw", "adamw8bit"), "adamw or adamw8bit"),
-    ("train.attention", lambda v: v in _attention_backends(),
-     "one of native, math, efficient, flash, cudnn, xformers, flex, sage"),
+    ("train.attention", lambda v: v in _attention_backends(), _AttentionBackends()),
     ("student.mode", lambda v: v in ("lora", "full"), "lora or full"),
     ("student.rank", lambda v: v >= 1, "an integer >= 1"),
     ("student.alpha", lambda v: math.isfinite(v) and v > 0, "a number > 0, or null (= rank)"),

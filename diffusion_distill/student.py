@@ -27,6 +27,7 @@ import copy
 import torch
 from torch import nn
 
+from .acceleration import Attention
 from .denoiser import Denoiser
 
 TEACHER = "teacher"
@@ -246,6 +247,8 @@ class Nets:
         self.schedule = teacher.schedule
         self.guidance = teacher.default_guidance if guidance is None else guidance
         self.extra: dict[str, nn.ModuleDict] = {}
+        # the run's attention backend, handed over by acceleration.apply_to_run
+        self.attention = Attention()
         base = teacher.denoiser
         if isinstance(roles, SeparateRoles):
             self._denoisers = {r: Denoiser(m, base.schedule, base.prediction_type, base.call,

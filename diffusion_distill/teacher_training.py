@@ -98,6 +98,24 @@ def _load_denoiser(pipe, folder: str):
     getattr(pipe, sub).load_state_dict(load_file(file))
 
 
+# train keys this loop does not apply, with the only value it runs (every other train key,
+# train.attention, gradient_checkpointing and compile among them, is applied)
+NOT_APPLIED = {"mixed_precision": "no", "base_dtype": "float32", "optimizer": "adamw",
+               "grad_accum": 1}
+
+
+def check_train_keys(cfg: dict) -> None:
+    """Refuse, before any work, a train key that teacher training would otherwise ignore."""
+    for key, value in NOT_APPLIED.items():
+        if cfg[key] != value:
+            raise ValueError(f"recipe key 'train.{key}' is {cfg[key]!r}, but teacher training "
+                             f"runs only {value!r} (it would be ignored); remove it or set "
+                             f"train.{key}={value}")
+    if cfg["device"] == "cuda":
+        raise ValueError("recipe key 'train.device' is 'cuda', but teacher training runs on "
+                         "the CPU; set train.device=cpu (or auto)")
+
+
 def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str | None = None,
                   pool: int | None = None, threads: int | None = None,
                   minutes: float | None = None, cache_dir: str | None = "runs",
@@ -124,6 +142,7 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
     recipe = load_recipe(name if isinstance(name, dict) else recipe_path(name), list(overrides))
     name = recipe["name"] if isinstance(name, dict) else name
     cfg = recipe["train"]
+    check_train_keys(cfg)
     module, fn = recipe["teacher"]["build"].split(":")
     if module != world_teachers.__name__:
         raise ValueError(f"teacher.build must be a builder in {world_teachers.__name__}, got "
@@ -148,6 +167,14 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
             student_denoiser.uncond)
         roles.networks["student"].set_attn_processor(
             world_teachers.RepeatedTokenJointAttention(collapse))
+    from .acceleration import REPLACE_PROCESSORS, apply_to_run
+
+    if collapse and cfg["attention"] in REPLACE_PROCESSORS:
+        raise ValueError(
+            f"train.attention={cfg['attention']} replaces the attention processors, but the "
+            "SD3 teacher trains through its own (world.teachers.RepeatedTokenJointAttention); "
+            "use native or one of torch's kernels (math, efficient, flash, cudnn)")
+    nets.attention = apply_to_run(cfg, nets, "cpu")  # attention, checkpointing, compile
     opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]),
                             weight_decay=cfg["weight_decay"])
     opt.base_lr = cfg["lr"]

@@ -61,8 +61,10 @@ def test_the_selection_reaches_the_attention_calls():
 
 def test_unavailable_backend_is_refused_with_the_list():
     teacher = _teacher("sd")
-    with pytest.raises(ValueError, match="available here: native, math"):
+    with pytest.raises(ValueError, match="available here: native, math") as refused:
         set_attention_backend(teacher.backbone, "efficient")  # CUDA only
+    # it names the recipe key that exists, not a flag no command has
+    assert "train.attention" in str(refused.value) and "--attention" not in str(refused.value)
     with pytest.raises(ValueError, match="cannot run"):
         set_attention_backend(teacher.backbone, "sage")
 
@@ -165,3 +167,16 @@ def test_8bit_adamw_is_refused_before_any_work_where_it_cannot_run(tiny_sd_path,
     with pytest.raises(ValueError, match="needs bitsandbytes.*pip install bitsandbytes"):
         optimizer_class({"optimizer": "adamw8bit"}, cuda=True)
     assert optimizer_class({"optimizer": "adamw"}, cuda=False) is torch.optim.AdamW
+
+
+def test_the_recipe_checks_and_names_the_one_list_of_backends():
+    """Every backend acceleration knows is a valid train.attention, and the refusal of an
+    unknown one names them all (the recipe's own copy of the list had lost the _hub ones)."""
+    from diffusion_distill.acceleration import BACKENDS
+    from diffusion_distill.recipe import RecipeError, load_recipe
+
+    for name in BACKENDS:
+        assert load_recipe({"train": {"attention": name}})["train"]["attention"] == name
+    with pytest.raises(RecipeError, match="train.attention") as refused:
+        load_recipe({"train": {"attention": "flashy"}})
+    assert all(name in str(refused.value) for name in BACKENDS)

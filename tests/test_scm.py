@@ -151,7 +151,9 @@ def test_options_are_checked():
 
 def test_jvp_refuses_a_pinned_fused_attention_kernel():
     _, _, objective, nets = _toy_run({"name": "scm"})
-    nets.network("student")._dd_attention = "flash"
+    from diffusion_distill.acceleration import Attention
+
+    nets.attention = Attention("flash")  # what apply_to_run hands over for train.attention
     with pytest.raises(ValueError, match="finite_difference"):
         objective.setup(nets)
     objective.tangent = "finite_difference"

@@ -149,3 +149,30 @@ def test_shortened_sd3_recipe_runs(tmp_path):
                   pool=64, cache_dir=None, log=lambda s: None)
     assert os.path.isfile(os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"))
     assert all(math.isfinite(x) for x in _losses(str(tmp_path / "sd3")))
+
+
+def test_teacher_training_applies_or_refuses_every_scale_key(tmp_path, monkeypatch):
+    """train.attention / gradient_checkpointing / compile reach the teacher's backbone; a key
+    this loop cannot apply is refused before any work. Catches the old loop, which checked
+    these keys in the recipe and then ignored them (efficient attention 'ran' on a CPU)."""
+    from diffusion_distill import acceleration
+    from diffusion_distill.teacher_training import train_teacher
+
+    def run(*keys):
+        return train_teacher("sd", ["train.steps=1", "train.batch_size=2", *keys],
+                             out=str(tmp_path / "sd" / "pipeline"), pool=8, cache_dir=None,
+                             log=lambda s: None)
+
+    with pytest.raises(ValueError, match="'efficient' cannot run on cpu"):
+        run("train.attention=efficient")  # CUDA-only: refused only if it is applied
+    with pytest.raises(ValueError, match="train.mixed_precision.*teacher training"):
+        run("train.mixed_precision=bf16")
+    seen = []
+    monkeypatch.setattr(acceleration, "enable_gradient_checkpointing",
+                        lambda module, roles=None, attention=None: seen.append(attention))
+    monkeypatch.setattr(acceleration, "compile_backbone", lambda module: seen.append("compiled"))
+    run("train.attention=math", "train.gradient_checkpointing=true", "train.compile=true")
+    attentions = [s for s in seen if s != "compiled"]  # one per network (teacher, student, ema)
+    assert attentions and len(attentions) == seen.count("compiled")
+    # each checkpointing got the run's kernel, to re-enter when it recomputes
+    assert all(a.name == "math" and a.context is not None for a in attentions)

@@ -216,8 +216,8 @@ class SCM(AnyStepCount, Objective):
 
     def setup(self, nets):
         if self.tangent == "jvp":
-            backend = getattr(nets.network("student"), "_dd_attention", None)
-            if backend not in (None, "", "native", "math"):
+            backend = nets.attention.name
+            if backend not in ("native", "math"):
                 raise ValueError(
                     f"sCM's JVP tangent needs torch's math attention kernel, and "
                     f"train.attention={backend!r} pins another one around every backbone call "
