@@ -36,6 +36,12 @@ def build_teacher(recipe, device="cpu"):
         pipe = getattr(importlib.import_module(module), fn)()
         teacher = teacher_from_pipeline(pipe.to(dtype=dtype), **kwargs)
     else:
+        if not spec["path"]:
+            raise ValueError(
+                f"recipe key 'teacher.path' is {spec['path']!r}, but must name the teacher: a "
+                "diffusers pipeline folder, a hub id such as 'org/name', or embedded:sd / "
+                "embedded:sd3 (from Python, train(recipe, teacher=...) passes your own; "
+                "teacher.build trains one from scratch); set teacher.path=...")
         # loaded in its dtype: a bfloat16 base never exists as a float32 copy in memory
         teacher = load_teacher(spec["path"], torch_dtype=dtype, **kwargs)
     return teacher.to(device)

@@ -16,6 +16,7 @@ marker file such as ``distill_config.json``); anything else is refused, never de
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -34,6 +35,75 @@ WEIGHTS, OPTIM_TENSORS, OPTIM_JSON, STATE = ("weights.safetensors", "optimizers.
 
 class OutputFolderError(ValueError):
     """An output path that would overwrite something that is not ours to replace."""
+
+
+class OutputWriteError(ValueError):
+    """The environment refused a write (full disk, read-only filesystem, quota): the message
+    names the path and the OS error; the previous file or folder is kept."""
+
+
+# errors of the machine, not of the toolkit: shown to people as one line
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM,
+                      errno.EIO, errno.EFBIG, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR}
+
+
+def _write_failure(e: BaseException) -> str | None:
+    """The OS error of a failed write, in words, or None when ``e`` is not one. safetensors
+    reports its own IO errors as ``IoError(Os { code: 28, ... })`` inside its error type."""
+    if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+        return f"[Errno {e.errno}] {e.strerror}"
+    m = re.search(r"IoError\(Os \{ code: (\d+)", str(e))
+    if m:
+        code = int(m.group(1))
+        return f"[Errno {code}] {os.strerror(code)}"
+    return None
+
+
+@contextlib.contextmanager
+def _named_write_errors(final: str, what: str):
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except Exception as e:
+        reason = _write_failure(e)
+        if reason is None:
+            raise
+        raise OutputWriteError(f"could not write {what} {final!r}: {reason}; nothing of it was "
+                               "replaced (the previous one, if any, is kept). Free space or "
+                               "choose a writable place, then rerun") from e
+
+
+def check_writable(path: str, what: str = "output"):
+    """Before any work: ``path`` (a file or folder to be written) can be written. Refused
+    (:class:`OutputFolderError`): a symbolic-link loop, a file where a folder must be, and a
+    place the user cannot write (read-only permissions or a read-only filesystem). Missing
+    folders on the way are fine: they are created, so the nearest existing one must be
+    writable."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OutputFolderError(f"{what} {path!r} is (or passes through) a loop of symbolic "
+                                    "links; fix the links or give another path") from None
+        if e.errno == errno.ENOTDIR:
+            raise OutputFolderError(f"{what} {path!r} passes through a file as if it were a "
+                                    "folder; give a path whose folders are folders") from None
+        if e.errno != errno.ENOENT:
+            raise OutputFolderError(f"{what} {path!r} cannot be reached ({e.strerror}); give "
+                                    "another path") from None
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent) and parent != os.path.dirname(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputFolderError(f"{what} {path!r} passes through the file {parent!r} as if it "
+                                "were a folder; give a path whose folders are folders")
+    for place in (parent, path if os.path.isdir(path) else None):
+        if place and not os.access(place, os.W_OK | os.X_OK):
+            ro = hasattr(os, "statvfs") and os.statvfs(place).f_flag & os.ST_RDONLY
+            why = "is on a read-only filesystem" if ro else "is not writable by you"
+            raise OutputFolderError(f"{what} {path!r} cannot be written: {place!r} {why}; "
+                                    "choose a folder you can write")
 
 
 class CheckpointError(ValueError):
@@ -109,13 +179,15 @@ def atomic_dir(final: str, markers=(), what: str = "output folder"):
     """
     check_output_dir(final, markers, what)
     parent = os.path.dirname(os.path.abspath(final))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp_", dir=parent)
+    with _named_write_errors(final, what):
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp_", dir=parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the output from others
     try:
-        yield tmp
+        with _named_write_errors(final, what):
+            yield tmp
         # Checked again: something may have appeared meanwhile.
         replace = check_output_dir(final, markers, what)
         old = None
@@ -144,11 +216,16 @@ def atomic_path(final: str):
     The name ends in ``.<pid>.tmp``: no image or weight reader picks it up, and two processes
     never share one. On failure the temporary file is removed.
     """
-    os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
+    if os.path.islink(final):
+        # write through a link to its target: the link the user made stays a link
+        final = os.path.realpath(final)
+    with _named_write_errors(final, "file"):
+        os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
     tmp = f"{final}.{os.getpid()}.tmp"
     try:
-        yield tmp
-        os.replace(tmp, final)
+        with _named_write_errors(final, "file"):
+            yield tmp
+            os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)

@@ -100,6 +100,13 @@ def check_flags(args):
         if want == "file" and path.endswith(os.sep):
             raise UserError(f"{flag} {path!r} ends with a slash, but `ddistill {args.command}` "
                             "writes a file there; give a file name")
+        if want == "file" and (name == "grid" or args.command == "sample"):
+            from .imaging import image_format
+
+            image_format(path, flag)
+        from .checkpoint import check_writable
+
+        check_writable(path, flag)  # a loop of links, a read-only place: before any work
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddistill {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001  a bug: say so, and how to get the details
+        from .checkpoint import ENVIRONMENT_ERRNOS
+
+        if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+            # the machine's fault (a full disk, a read-only filesystem), not the toolkit's
+            if debug:
+                traceback.print_exc()
+            print(f"ddistill {args.command}: error: {_one_line(e)}; free space or choose a "
+                  "writable place, then rerun", file=sys.stderr)
+            return 2
         if debug:
             traceback.print_exc()
         print(f"ddistill {args.command}: internal error (a bug in ddistill, not in your "

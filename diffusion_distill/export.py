@@ -22,9 +22,8 @@ import json
 import os
 
 from .assets import EMBEDDED_PREFIX
+from .export_config import CONFIG_NAME, WEIGHT_NAME  # noqa: F401  (the names every reader uses)
 
-CONFIG_NAME = "distill_config.json"
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # What an export folder may replace: an earlier LoRA export, or a full fine-tune's pipeline.
 EXPORT_MARKERS = (CONFIG_NAME, "model_index.json")
 

@@ -266,7 +266,8 @@ class _AttentionBackends:
 
 
 _RULES = [
-    ("train.steps", *_POSITIVE_INT),
+    # 10^8 steps at a fast 10 ms each already take 12 days: more is a typo (1e12)
+    ("train.steps", lambda v: 0 < v <= 10 ** 8, "an integer in [1, 100000000]"),
     ("train.batch_size", *_POSITIVE_INT),
     ("train.grad_accum", *_POSITIVE_INT),
     ("train.log_every", *_POSITIVE_INT),

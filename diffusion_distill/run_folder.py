@@ -182,9 +182,9 @@ def prepare_run_dir(recipe: dict, new_run: bool = False, log=print):
 
 
 def trim_eval_log(path: str, start: int) -> set[int]:
-    """Drop the rows of ``eval.jsonl`` past ``start`` (the step this run resumes from: those
-    came from steps that are trained again now) and return the steps still logged, so that
-    a restart never writes a step's row twice."""
+    """Drop the rows of a run log (``eval.jsonl``, ``metrics.jsonl``) past ``start`` (the step
+    this run resumes from: those came from steps that are trained again now) and return the
+    steps still logged, so that a restart never writes a step's row twice."""
     from .checkpoint import atomic_file
 
     if not os.path.isfile(path):

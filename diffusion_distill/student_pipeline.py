@@ -5,11 +5,18 @@ fingerprint, load the LoRA, swap in the scheduler, and call with the student's t
 """
 from __future__ import annotations
 
-import json
 import os
 
 from .assets import EMBEDDED_PREFIX, resolve_teacher_path
-from .export import CONFIG_NAME, backbone_name, base_fingerprint
+from .export import backbone_name, base_fingerprint
+from .export_config import (
+    REEXPORT,
+    ExportError,
+    adapter_layer_counts,
+    lora_files,
+    lora_layer_count,
+    read_export_config,
+)
 
 
 class StudentPipeline:
@@ -71,12 +78,9 @@ def load_student(folder: str, teacher: str | None = None, torch_dtype=None) -> S
 
     from .teachers import load_pipeline
 
-    cfg_path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{folder!r} is not a student export: no {CONFIG_NAME}. "
-                                "Create one with `ddistill export RUN --out DIR`.")
-    with open(cfg_path) as f:
-        config = json.load(f)
+    config = read_export_config(folder)  # one line naming file and key, before any loading
+    # every LoRA file the config names, present and whole, with its layer count
+    files = [(name, file, lora_layer_count(file)) for name, file in lora_files(folder, config)]
     path = resolve_teacher_path(
         teacher or config["teacher"].get("pretrained") or config["teacher"]["path"])
     if (teacher is None and not os.path.isdir(path)
@@ -94,16 +98,28 @@ def load_student(folder: str, teacher: str | None = None, torch_dtype=None) -> S
             f"{config['teacher']['pipeline_class']} with base fingerprint {expected} "
             f"({config['teacher']['path']}), but {path!r} is a {type(pipe).__name__} with "
             f"fingerprint {found}. Load it onto the teacher it was distilled from.")
-    adapters = config.get("adapters")
-    if isinstance(adapters, list) and adapters:
-        for name in adapters:
-            pipe.load_lora_weights(os.path.join(folder, name), adapter_name=name)
-    elif config.get("experts"):  # format 1 (Phased DMD exports before format 2)
-        for i in range(config["experts"]):
-            pipe.load_lora_weights(os.path.join(folder, f"expert_{i}"), adapter_name=f"expert_{i}")
-        config.setdefault("adapter_per_step", [f"expert_{i}" for i in range(config["experts"])])
-    else:
-        pipe.load_lora_weights(folder)
+    for name, file, want in files:
+        before = adapter_layer_counts(component)
+        try:
+            if name is None:
+                pipe.load_lora_weights(os.path.dirname(file))
+            else:
+                pipe.load_lora_weights(os.path.dirname(file), adapter_name=name)
+        except ValueError as e:  # peft: no target module of the file exists in this base
+            raise ExportError(
+                f"{file}: none of its {want} LoRA layers fit the {type(component).__name__} of "
+                f"{path!r} ({' '.join(str(e).split())[:200]}); the file does not fit this base "
+                f"(edited, or written for another model): {REEXPORT}") from None
+        landed = sum(n for a, n in adapter_layer_counts(component).items() if a not in before)
+        if landed != want:
+            # diffusers skips keys that match no module with a warning: the student would
+            # sample as (part of) the bare teacher
+            raise ExportError(
+                f"{file}: only {landed} of its {want} LoRA layers landed in the "
+                f"{type(component).__name__} of {path!r}; the file does not fit this base "
+                f"(edited, or written for another model): {REEXPORT}")
+    if config.get("experts") and not config.get("adapters"):  # format 1 (Phased DMD)
+        config.setdefault("adapter_per_step", [n for n, _, _ in files])
     cls = getattr(diffusers, config["scheduler"]["class"])
     pipe.scheduler = cls.from_config(config["scheduler"]["config"])
     return StudentPipeline(pipe, config)

@@ -25,6 +25,7 @@ import torch
 
 from .batches import Batches
 from .build import setup_run
+from .checkpoint import check_writable
 from .recipe import load_recipe
 from .run_folder import check_run_folder, prepare_run_dir, run_lock, trim_eval_log
 from .step import LogInterval, build_optimizers, optimizer_class, train_step
@@ -37,13 +38,15 @@ def check_device(cfg: dict):
 
 
 def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
-          networks=None, return_nets: bool = False, new_run: bool = False):
+          networks=None, return_nets: bool = False, new_run: bool = False,
+          teacher_changed: bool = False):
     """Run (or resume) a recipe; returns the run folder (and the nets, if asked).
 
     From Python, ``teacher`` may be any Teacher (e.g. ``custom_teacher(fn, shape)``) and
     ``networks`` the user's own {role: module} for it. ``new_run``: start over in a run
     folder that holds another run (its checkpoints are moved aside, see
-    :func:`prepare_run_dir`).
+    :func:`prepare_run_dir`). ``teacher_changed``: resume although the teacher's weights
+    differ from those the checkpoints were trained on (refused otherwise).
     """
     from accelerate import Accelerator
 
@@ -62,12 +65,17 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
                          "loop does not do; use bf16 (or no).")
     on_cpu = cfg["device"] == "cpu" or not torch.cuda.is_available()
     optimizer_class(cfg, cuda=not on_cpu)  # refused here, before any model is built
+    from .resources import check_batch_fits
+
+    check_batch_fits(recipe, "cpu" if on_cpu else "cuda",
+                     int(os.environ.get("WORLD_SIZE", "1")))  # before any model is built
     _release_accelerator_state(cfg["mixed_precision"])
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=cfg["mixed_precision"])
     run_dir = recipe["output"]["dir"]
     main = accelerator.is_main_process
     with contextlib.ExitStack() as stack:
         if main:
+            check_writable(run_dir, "output.dir")  # a read-only place, a loop of links
             check_run_folder(run_dir)  # before a lock file lands in someone else's folder
             os.makedirs(run_dir, exist_ok=True)
             stack.enter_context(run_lock(run_dir))
@@ -76,7 +84,8 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
                 # corrupt checkpoints are set aside once, here, before every process loads
                 load_latest_good(run_dir, set_aside=True)
         accelerator.wait_for_everyone()
-        return _train_locked(recipe, accelerator, teacher, networks, return_nets, progress)
+        return _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
+                             teacher_changed)
 
 
 def _release_accelerator_state(mixed_precision: str) -> None:
@@ -94,7 +103,15 @@ def _release_accelerator_state(mixed_precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
-def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress):
+def _teacher_fingerprint(teacher) -> str | None:
+    from .export import base_fingerprint
+
+    backbone = getattr(teacher, "backbone", None)
+    return base_fingerprint(backbone) if isinstance(backbone, torch.nn.Module) else None
+
+
+def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
+                  teacher_changed=False):
     from tqdm.auto import tqdm
 
     from .checkpoint import CheckpointError, load_latest_good, save_checkpoint
@@ -148,9 +165,18 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress)
     start = 0
     train_seconds = 0.0  # wall time inside train_step only (no eval, logging or checkpoints)
     found = load_latest_good(run_dir, apply, set_aside=main and world == 1)
+    fingerprint = _teacher_fingerprint(teacher)
     if found:
         ckpt, _, _, state = found
         start = state["step"]
+        recorded = state.get("teacher_fingerprint")
+        if recorded and fingerprint and recorded != fingerprint and not teacher_changed:
+            raise ValueError(
+                f"run folder {run_dir!r} was trained (to step {start}) on a teacher whose base "
+                f"weights have fingerprint {recorded}, but teacher.path "
+                f"{recipe['teacher']['path']!r} now has {fingerprint}: its weights changed "
+                "since. Resume onto the original teacher, start over with --new-run, or pass "
+                "--teacher-changed to continue on the new weights")
         train_seconds = float(state.get("train_seconds", 0.0))
         if main:
             print(f"resuming {run_dir} from step {start} ({ckpt})")
@@ -158,7 +184,8 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress)
     def checkpoint(step):
         if main:
             save_checkpoint(run_dir, step, {r: nets.state_dict(r) for r in weight_roles},
-                            optimizers, {"name": recipe["name"], "train_seconds": train_seconds},
+                            optimizers, {"name": recipe["name"], "train_seconds": train_seconds,
+                                         "teacher_fingerprint": fingerprint},
                             keep=cfg["keep_checkpoints"])
         accelerator.wait_for_everyone()
 
@@ -179,6 +206,8 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress)
                                               if isinstance(v, float)))
 
     evaluated = trim_eval_log(os.path.join(run_dir, "eval.jsonl"), start) if main else set()
+    if main:  # rows of steps after the checkpoint are logged again as they are retrained
+        trim_eval_log(os.path.join(run_dir, "metrics.jsonl"), start)
     if cfg["eval_every"] and start == 0 and end > 0 and main and 0 not in evaluated:
         # the starting point of every curve: the student as initialised (LoRA B = 0: the
         # teacher's weights under the student's own few-step sampler)

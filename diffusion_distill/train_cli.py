@@ -10,6 +10,9 @@ def add_parser(sub):
     p.add_argument("--new-run", action="store_true",
                    help="start over in an output.dir that holds another run (its checkpoints "
                         "and recipe.yaml are moved aside, never deleted)")
+    p.add_argument("--teacher-changed", action="store_true",
+                   help="resume although the teacher's weights differ from those the run's "
+                        "checkpoints were trained on")
     p.set_defaults(func=_run)
 
 
@@ -17,4 +20,4 @@ def _run(args):
     from .train import train
 
     print(train(args.recipe, args.overrides, progress=not args.no_progress,
-                new_run=args.new_run))
+                new_run=args.new_run, teacher_changed=args.teacher_changed))

@@ -7,6 +7,24 @@ import pytest
 import yaml
 
 
+def _export_for_another_base(tmp_path, teacher) -> str:
+    """An export folder whose config and LoRA file are sound, for a base that is not
+    ``teacher`` (its fingerprint differs): refused only when loaded."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "other_base"
+    folder.mkdir()
+    (folder / "distill_config.json").write_text(json.dumps({
+        "format": 2, "scheduler": {"class": "LCMScheduler", "config": {}},
+        "teacher": {"path": teacher, "pretrained": teacher, "base_fingerprint": "0" * 16,
+                    "pipeline_class": "StableDiffusionPipeline"},
+        "call": {"num_inference_steps": 1, "guidance_scale": 1.0}}))
+    save_file({"unet.conv_in.lora_A.weight": torch.zeros(1, 4)},
+              str(folder / "pytorch_lora_weights.safetensors"))
+    return str(folder)
+
+
 def test_bench_runs_cells_writes_tables_and_resumes(tiny_sd_path, tmp_path, capsys):
     from diffusion_distill.cli import main
 
@@ -17,7 +35,13 @@ def test_bench_runs_cells_writes_tables_and_resumes(tiny_sd_path, tmp_path, caps
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     argv = ["bench", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out"),
             "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
-    # The missing export fails its own cell only; the command reports it and exits 1.
+    # A missing export is refused before the first cell: nothing is written.
+    assert main(argv) == 2 and not (tmp_path / "out").exists()
+    # A sound export for another base passes the checks but fails its own cell only; the
+    # command reports it and exits 1.
+    spec["exports"] = [{"name": "missing", "path": _export_for_another_base(tmp_path,
+                                                                             tiny_sd_path)}]
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     assert main(argv) == 1
     out = tmp_path / "out"
     summary = json.loads((out / "results.json").read_text())
@@ -31,7 +55,7 @@ def test_bench_runs_cells_writes_tables_and_resumes(tiny_sd_path, tmp_path, caps
     assert real["fd"] < cells["teacher-steps1-cfgdefault"]["fd"]
     assert cells["teacher-steps1-cfgdefault"]["nfe"] == 2  # 1 step x 2 (CFG)
     assert cells["teacher-steps1-cfgdefault"]["complete"]
-    assert "does not exist" in cells["missing-stepsown-cfgdefault"]["error"]
+    assert "different base" in cells["missing-stepsown-cfgdefault"]["error"]
     # FD to the teacher's default (first) cell, from the features each cell keeps: the
     # random pipeline at 1 step lands far nearer its own 2-step samples than real renders do.
     one_step = cells["teacher-steps1-cfgdefault"]

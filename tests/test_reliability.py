@@ -64,7 +64,7 @@ def run_copy(trained_run, tmp_path):
 # -- 3. every value checked where it enters ---------------------------------------------------
 
 @pytest.mark.parametrize("override,match", [
-    ("train.steps=0", r"'train.steps' is 0.*> 0"),
+    ("train.steps=0", r"'train.steps' is 0.*\[1, 100000000\]"),
     ("train.batch_size=-2", r"'train.batch_size' is -2"),
     ("train.grad_accum=0", r"'train.grad_accum'"),
     ("train.log_every=0", r"'train.log_every'"),

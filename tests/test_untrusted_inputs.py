@@ -247,3 +247,231 @@ def test_bench_table_names_why_a_cell_failed():
 
     assert failure_reason({"complete": False, "failures": [{"error": "ValueError: boom"}]}) \
         == "ValueError: boom"
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_sd_path, tmp_path_factory):
+    """A 2-step dmd2 export of the tiny SD teacher (one LoRA file)."""
+    import os
+
+    from conftest import tiny_recipe
+
+    from diffusion_distill.train import train
+
+    tmp = tmp_path_factory.mktemp("export")
+    run_dir = train(tiny_recipe(tiny_sd_path, tmp / "run", steps=2), progress=False)
+    return os.path.join(run_dir, "export")
+
+
+def test_lora_weights_that_do_not_all_land_are_refused(tiny_export, tmp_path):
+    # Catches: diffusers skipping LoRA keys that match no module (with only a log warning),
+    # so that the "student" samples as the bare teacher.
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from diffusion_distill.export_config import ExportError
+    from diffusion_distill.student_pipeline import load_student
+
+    folder = tmp_path / "edited"
+    shutil.copytree(tiny_export, folder)
+    file = folder / "pytorch_lora_weights.safetensors"
+    state = load_file(str(file))
+    layers = sorted({k.split(".lora_")[0] for k in state})
+    moved = set(layers[: len(layers) // 2])  # half the layers renamed to modules that do not exist
+    save_file({(k.replace("unet.", "unet.nowhere_", 1) if k.split(".lora_")[0] in moved else k): v
+               for k, v in state.items()}, str(file))
+    with pytest.raises(ExportError, match=rf"edited/pytorch_lora_weights.safetensors: only "
+                                          rf"{len(layers) - len(moved)} of its {len(layers)} LoRA "
+                                          "layers landed"):
+        load_student(str(folder))
+    assert load_student(tiny_export).servable_steps == [1]  # the untouched export loads
+
+
+# -- teacher folders --------------------------------------------------------------------------
+
+def _teacher_copy(tiny_sd_path, tmp_path):
+    import shutil
+
+    folder = tmp_path / "teacher"
+    shutil.copytree(tiny_sd_path, folder)
+    return folder
+
+
+def test_a_broken_teacher_folder_is_the_teachers_fault_with_the_file_named(tiny_sd_path,
+                                                                          tmp_path):
+    # Catches: a broken model_index.json or truncated weights reaching diffusers (an
+    # "internal error" traceback), and a pickled .bin loaded (unpickling runs code).
+    from diffusion_distill.teachers import TeacherFolderError, load_pipeline
+
+    folder = _teacher_copy(tiny_sd_path, tmp_path)
+    index = folder / "model_index.json"
+    good = index.read_text()
+    index.write_text(good[: len(good) // 2])
+    with pytest.raises(TeacherFolderError, match=r"teacher's .*model_index.json is not valid"):
+        load_pipeline(str(folder))
+    index.write_text(good)
+    weights = next((folder / "unet").glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TeacherFolderError, match=rf"{weights.name} is truncated or corrupt"):
+        load_pipeline(str(folder))
+    weights.unlink()
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(TeacherFolderError, match=r"diffusion_pytorch_model.bin is a pickled.*"
+                                                 r"only safetensors.*save_pretrained"):
+        load_pipeline(str(folder))
+
+
+def test_non_finite_teacher_weights_are_named(tiny_sd_path, tmp_path):
+    # Catches: a NaN in the teacher reported much later as "lower train.lr".
+    from safetensors.torch import load_file, save_file
+
+    from diffusion_distill.teachers import TeacherFolderError, load_pipeline
+
+    folder = _teacher_copy(tiny_sd_path, tmp_path)
+    weights = next((folder / "unet").glob("*.safetensors"))
+    state = load_file(str(weights))
+    name = sorted(state)[len(state) // 2]
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = float("nan")
+    save_file(state, str(weights))
+    with pytest.raises(TeacherFolderError, match=rf"unet weights hold non-finite .*{name}"):
+        load_pipeline(str(folder))
+
+
+def test_teacher_path_null_says_what_to_give():
+    from diffusion_distill.build import build_teacher
+
+    with pytest.raises(ValueError, match=r"'teacher.path' is None, but must name the teacher"):
+        build_teacher(load_recipe("dmd2_sd", ["teacher.path=null"]))
+
+
+def test_resuming_onto_changed_teacher_weights_is_refused(tiny_sd_path, tmp_path):
+    # Catches: checkpoints trained on one teacher silently resumed on another's weights.
+    from conftest import tiny_recipe
+    from safetensors.torch import load_file, save_file
+
+    from diffusion_distill.train import train
+
+    folder = _teacher_copy(tiny_sd_path, tmp_path)
+    recipe = tiny_recipe(str(folder), tmp_path / "run", steps=2)
+    train(recipe, progress=False)
+    weights = next((folder / "unet").glob("*.safetensors"))
+    save_file({k: v * 1.01 for k, v in load_file(str(weights)).items()}, str(weights))
+    recipe["train"]["steps"] = 4
+    with pytest.raises(ValueError, match=r"weights changed since.*--teacher-changed"):
+        train(recipe, progress=False)
+    assert train(recipe, progress=False, teacher_changed=True)  # asked for: it continues
+
+
+# -- runs: the log after a restart, sizes -----------------------------------------------------
+
+def test_metrics_hold_each_step_once_after_a_restart(tiny_sd_path, tmp_path):
+    # Catches: rows of steps past the last checkpoint (trained again after a kill) appended a
+    # second time to metrics.jsonl.
+    import json
+
+    from conftest import tiny_recipe
+
+    from diffusion_distill.train import train
+
+    recipe = tiny_recipe(tiny_sd_path, tmp_path / "run", steps=4, checkpoint_every=2,
+                         log_every=1)
+    train(recipe, progress=False)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    # as if killed after logging step 3 but before step 4's checkpoint
+    rows = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(rows[:3]) + "\n")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    import shutil
+
+    shutil.rmtree(checkpoints / "step_0000004")
+    train(recipe, progress=False)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_an_absurd_batch_fails_fast_before_any_model_is_built(tmp_path):
+    # Catches: a billion-sample batch found by the OS (16 GB resident, swapping) instead of by
+    # a check; the teacher path does not exist, so reaching the teacher would say so instead.
+    from diffusion_distill.train import train
+
+    with pytest.raises(ValueError, match=r"'train.batch_size' is 1000000000, but one step's "
+                                         r"batch needs at least .* GiB"):
+        train(load_recipe("dmd2_sd", ["train.batch_size=1000000000", "teacher.path=/nowhere",
+                                      f"output.dir={tmp_path / 'run'}", "train.device=cpu"]),
+              progress=False)
+    with pytest.raises(RecipeError, match=r"'train.steps' is 1000000000000"):
+        load_recipe("dmd2_sd", ["train.steps=1000000000000"])
+
+
+# -- paths and the environment ------------------------------------------------------------------
+
+def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
+    # Catches: a sample grid sampled and then lost to "unknown file extension", a loop of
+    # links or a path through a file found only at the first write.
+    import os
+
+    from diffusion_distill.cli import main
+
+    assert main(["sample", "embedded:sd", "--prompt", "a", "--out",
+                 str(tmp_path / "grid.txt")]) == 2
+    assert "'.txt', which names no image format" in capsys.readouterr().err
+    os.symlink(tmp_path / "b", tmp_path / "a")
+    os.symlink(tmp_path / "a", tmp_path / "b")
+    assert main(["eval", "embedded:sd", "--out", str(tmp_path / "a" / "r.json")]) == 2
+    assert "loop of symbolic links" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["train", "dmd2_sd", f"output.dir={tmp_path / 'file' / 'run'}"]) == 2
+    assert "passes through" in capsys.readouterr().err
+
+
+def test_writing_onto_a_symlink_keeps_the_link(tmp_path):
+    # Catches: os.replace onto the link itself (the user's link becomes a plain file).
+    import os
+
+    from diffusion_distill.eval.protocol import write_json
+
+    target = tmp_path / "results" / "r.json"
+    target.parent.mkdir()
+    target.write_text("{}")
+    link = tmp_path / "latest.json"
+    os.symlink(target, link)
+    write_json(str(link), {"a": 1})
+    assert os.path.islink(link) and '"a": 1' in target.read_text()
+
+
+def test_a_full_disk_names_the_path_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch,
+                                                                        capsys):
+    # Catches: safetensors' own "IoError(Os { code: 28 ..." shown as an internal error, and a
+    # half-written checkpoint replacing the last good one.
+    import errno
+
+    import torch
+
+    from diffusion_distill import checkpoint as ck
+    from diffusion_distill.cli import main
+
+    weights = {"student": {"w": torch.ones(2)}}
+    ck.save_checkpoint(str(tmp_path), 2, weights, {}, {})
+
+    def full(*a, **k):
+        raise RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                           'message: "No space left on device" })')
+
+    monkeypatch.setattr(ck, "save_file", full)
+    with pytest.raises(ck.OutputWriteError, match=r"step_0000004.*Errno 28.*No space left"):
+        ck.save_checkpoint(str(tmp_path), 4, weights, {}, {})
+    assert [s for s, _ in ck.list_checkpoints(str(tmp_path))] == [2]
+    import os
+
+    assert not [p for p in os.listdir(tmp_path / "checkpoints") if p.startswith(".tmp")]
+
+    def read_only(args):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "x.json"))
+
+    monkeypatch.setattr("diffusion_distill.eval.cli.run_cli", read_only)
+    assert main(["eval", "embedded:sd"]) == 2
+    err = capsys.readouterr().err
+    assert "Read-only file system" in err and "x.json" in err and "internal error" not in err

@@ -46,33 +46,117 @@ def teacher_from_pipeline(pipe, path=None, **kwargs) -> Teacher:
     return teacher
 
 
+class TeacherFolderError(ValueError):
+    """A teacher pipeline folder that cannot be used as it is: the teacher's fault, not the
+    toolkit's; the message names the file."""
+
+
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+CONVERT = ("convert it once, in a trusted environment: DiffusionPipeline.from_pretrained(PATH, "
+           "use_safetensors=False).save_pretrained(NEW_PATH, safe_serialization=True), then "
+           "give NEW_PATH")
+
+
+def check_pipeline_folder(path: str) -> dict:
+    """A local pipeline folder read as untrusted input, before diffusers opens it: its
+    model_index.json, and every model component's safetensors files present and whole
+    (headers read, not the weights). Returns the index."""
+    from safetensors import safe_open
+
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        found = sorted(os.listdir(path))[:10] if os.path.isdir(path) else "a file"
+        raise FileNotFoundError(
+            f"teacher path {path!r} is not a diffusers pipeline folder: no model_index.json "
+            f"(found {found}). Expected a folder written by Pipeline.save_pretrained, one "
+            f"of {', '.join(sorted(FAMILIES))}."
+        )
+    try:
+        with open(index, encoding="utf-8") as f:
+            components = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TeacherFolderError(f"the teacher's {index} is not valid JSON ({e}); the folder "
+                                 "is damaged: copy or save the pipeline again") from None
+    if not isinstance(components, dict) or not isinstance(components.get("_class_name"), str):
+        raise TeacherFolderError(f"the teacher's {index} has no '_class_name' (the pipeline "
+                                 "class); the folder is damaged: save the pipeline again")
+    cls = components["_class_name"]
+    if cls not in FAMILIES:
+        raise ValueError(
+            f"teacher at {path!r} is a {cls}; supported pipelines: "
+            f"{', '.join(sorted(FAMILIES))}."
+        )
+    for name, entry in components.items():
+        if name.startswith("_") or entry == [None, None] or not isinstance(entry, list):
+            continue
+        folder = os.path.join(path, name)
+        if not os.path.isdir(folder):
+            raise TeacherFolderError(f"the teacher's model_index.json names a component "
+                                     f"{name!r}, but {folder} is missing; the folder is "
+                                     "incomplete: copy the whole pipeline folder")
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            continue  # a tokenizer or scheduler: no weights
+        files = sorted(os.listdir(folder))
+        weights = [f for f in files if f.endswith(".safetensors")]
+        if not weights:
+            pickled = [f for f in files if f.endswith(PICKLED)]
+            if pickled:
+                raise TeacherFolderError(
+                    f"the teacher's {os.path.join(folder, pickled[0])} is a pickled weight "
+                    "file, and only safetensors are read (unpickling runs whatever code the "
+                    f"file holds); {CONVERT}")
+            raise TeacherFolderError(f"the teacher's component {name!r} has no weights: no "
+                                     f".safetensors file in {folder}; the folder is incomplete")
+        for w in weights:
+            file = os.path.join(folder, w)
+            try:
+                with safe_open(file, framework="pt") as f:
+                    f.keys()
+            except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+                raise TeacherFolderError(
+                    f"the teacher's weight file {file} is truncated or corrupt "
+                    f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); copy or save "
+                    "the pipeline again") from None
+    return components
+
+
+def check_finite_weights(pipe, path: str | None = None):
+    """Every weight of the pipeline's models is finite; a NaN or inf is named by component,
+    file and parameter (a teacher that outputs NaN is not a learning-rate problem)."""
+    import torch
+
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for pname, p in component.named_parameters():
+            if not torch.isfinite(p).all():
+                where = os.path.join(path, name) if path and os.path.isdir(path) else name
+                raise TeacherFolderError(
+                    f"the teacher's {where} weights hold non-finite values (NaN or inf) in "
+                    f"{pname!r}; the teacher is broken, not the training: use an intact copy")
+
+
 def load_pipeline(path: str, torch_dtype=None):
     from diffusers import DiffusionPipeline
 
     if os.path.exists(path):
-        index = os.path.join(path, "model_index.json")
-        if not os.path.isfile(index):
-            found = sorted(os.listdir(path))[:10] if os.path.isdir(path) else "a file"
-            raise FileNotFoundError(
-                f"teacher path {path!r} is not a diffusers pipeline folder: no model_index.json "
-                f"(found {found}). Expected a folder written by Pipeline.save_pretrained, one "
-                f"of {', '.join(sorted(FAMILIES))}."
-            )
-        with open(index) as f:
-            components = json.load(f)
-        cls = components.get("_class_name")
-        if cls not in FAMILIES:
-            raise ValueError(
-                f"teacher at {path!r} is a {cls}; supported pipelines: "
-                f"{', '.join(sorted(FAMILIES))}."
-            )
+        components = check_pipeline_folder(path)
         # A component saved as None (SD3 without its T5, [null, null] in the index) must be
         # passed as None again, or from_pretrained refuses the folder it wrote itself.
         absent = {k: None for k, v in components.items()
                   if not k.startswith("_") and isinstance(v, list) and v == [None, None]}
-        return DiffusionPipeline.from_pretrained(path, local_files_only=True,
-                                                 use_safetensors=True, torch_dtype=torch_dtype,
-                                                 **absent)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True,
+                                                     use_safetensors=True,
+                                                     torch_dtype=torch_dtype, **absent)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            # a config diffusers cannot read, weights that do not fit their config, ...
+            raise TeacherFolderError(
+                f"the teacher folder {path!r} could not be loaded by diffusers "
+                f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); the folder is "
+                "damaged or not a pipeline diffusers wrote") from None
+        check_finite_weights(pipe, path)
+        return pipe
     parts = path.split("/")
     if len(parts) != 2 or not all(parts) or path.startswith("."):
         raise FileNotFoundError(
@@ -111,6 +195,7 @@ __all__ = [
     "FAMILIES",
     "PromptCache",
     "Teacher",
+    "TeacherFolderError",
     "backbone_name",
     "custom_teacher",
     "load_pipeline",

@@ -484,6 +484,11 @@ def to_uint8_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
 def save_grid(images: torch.Tensor, path: str, nrow: int = 8, scale: int = 4):
     from PIL import Image
 
+    from ..checkpoint import atomic_path
+    from ..imaging import image_format
+
+    fmt = image_format(path)
     grid = to_uint8_grid(images, nrow)
     im = Image.fromarray(grid.numpy())
-    im.resize((im.width * scale, im.height * scale), Image.NEAREST).save(path)
+    with atomic_path(path) as tmp:  # a full disk mid-save keeps the previous image
+        im.resize((im.width * scale, im.height * scale), Image.NEAREST).save(tmp, format=fmt)
