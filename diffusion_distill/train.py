@@ -39,11 +39,16 @@ def check_device(cfg: dict):
 
 def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
           networks=None, return_nets: bool = False, new_run: bool = False,
-          teacher_changed: bool = False):
+          teacher_changed: bool = False, data=None):
     """Run (or resume) a recipe; returns the run folder (and the nets, if asked).
 
     From Python, ``teacher`` may be any Teacher (e.g. ``custom_teacher(fn, shape)``) and
-    ``networks`` the user's own {role: module} for it. ``new_run``: start over in a run
+    ``networks`` the user's own {role: module} for it. ``data``: the user's own samples,
+    in place of the recipe's data source: x0 in the teacher's space (a custom teacher's
+    ``shape``, a pipeline's latents) as a tensor ``(N, *shape)``, ``(x0, prompts)`` (one
+    prompt or integer class label per sample), ``{"x0": ..., "prompts": ...}`` or a Dataset of
+    ``x0`` or ``(x0, prompt)`` items; methods that train on real samples (``needs_data``)
+    draw their x0 from it. ``new_run``: start over in a run
     folder that holds another run (its checkpoints are moved aside, see
     :func:`prepare_run_dir`). ``teacher_changed``: resume although the teacher's weights
     differ from those the checkpoints were trained on (refused otherwise).
@@ -85,7 +90,7 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
                 load_latest_good(run_dir, set_aside=True)
         accelerator.wait_for_everyone()
         return _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
-                             teacher_changed)
+                             teacher_changed, data)
 
 
 def _release_accelerator_state(mixed_precision: str) -> None:
@@ -111,7 +116,7 @@ def _teacher_fingerprint(teacher) -> str | None:
 
 
 def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
-                  teacher_changed=False):
+                  teacher_changed=False, data=None):
     from tqdm.auto import tqdm
 
     from .checkpoint import CheckpointError, load_latest_good, save_checkpoint
@@ -125,7 +130,7 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
 
     torch.manual_seed(cfg["seed"])  # adapters' random init is the same on every process
     teacher, objective, nets = setup_run(recipe, device, teacher, networks)
-    batches = Batches(recipe, teacher, objective)
+    batches = Batches(recipe, teacher, objective, data)
 
     per_step = world * cfg["grad_accum"]
     if cfg["batch_size"] % per_step:
