@@ -9,6 +9,8 @@ critic's features. Written once here, so no family imports another's classes.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -184,6 +186,46 @@ def time_of_edm_sigma(schedule, s, iters: int = 24):
         up = edm_sigma(schedule, mid) < s
         lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
     return torch.where(s <= 0, torch.zeros_like(s), hi)
+
+
+class MomentumTarget(nn.Module):
+    """The consistency models' target network ``theta^- <- mu theta^- + (1 - mu) theta``
+    (Song et al. 2023, Algorithm 2; LCM Algorithm 1 with mu = 0.95) over the student's trained
+    parameters. Kept by the objective as buffers (checkpointed with the student role through
+    ``nets.add_extra``, never optimised, never exported); :meth:`swapped` puts them in place of
+    the student's weights for the target's forward pass.
+
+    Why not the student itself under no_grad (LCM-LoRA's script): there the target moves with
+    every step, and on the exact 2-D toy that self-target drifts off the data under the
+    pseudo-Huber loss (docs/consistency.md, "Diagnosis")."""
+
+    def __init__(self, params, decay: float):
+        super().__init__()
+        self.decay = float(decay)
+        self._tracked = list(params)
+        for i, p in enumerate(self._tracked):
+            self.register_buffer(f"p{i}", p.detach().clone())
+
+    def _copies(self):
+        return [getattr(self, f"p{i}") for i in range(len(self._tracked))]
+
+    @torch.no_grad()
+    def update(self):
+        for p, copy in zip(self._tracked, self._copies()):
+            copy.lerp_(p.detach().to(copy.dtype), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        saved = [p.detach().clone() for p in self._tracked]
+        with torch.no_grad():
+            for p, copy in zip(self._tracked, self._copies()):
+                p.copy_(copy)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, keep in zip(self._tracked, saved):
+                    p.copy_(keep)
 
 
 class seeded:

@@ -46,6 +46,7 @@ scheduler has TCD's partial re-noising.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -56,7 +57,7 @@ from ..denoiser import ddim_step
 from ..parameterization import add_noise
 from ..samplers import StudentSampler, vp_timesteps
 from . import Objective, choice, counts, integer, number, recipe_student_steps, table
-from .common import AnyStepCount, bcast, edm_sigma, seeded, time_of_edm_sigma
+from .common import AnyStepCount, MomentumTarget, bcast, edm_sigma, seeded, time_of_edm_sigma
 
 DEFAULT_STEPS = (1, 2, 4, 8)
 
@@ -244,7 +245,8 @@ class _ConsistencyDistillation(Objective):
     needs_data = True
     options = table(
         solver_steps=integer(1), w_min=number(0), w_max=number(0),
-        target=choice("student", "ema"), loss=choice("l2", "huber"),
+        target=choice("momentum", "student", "ema"), target_decay=number(0, 1, hi_open=True),
+        loss=choice("l2", "huber"),
         huber_c=number(0, lo_open=True), sample_steps=counts(),
         num_train_timesteps=integer(2),
     )
@@ -270,10 +272,16 @@ class _ConsistencyDistillation(Objective):
     def __init__(self, solver_steps: int = 50, w_min: float = 3.0, w_max: float = 15.0,
                  target: str = "student", loss: str = "l2", huber_c: float = 0.001,
                  sample_steps: list[int] | None = None, num_train_timesteps: int = 1000,
-                 student_times: list[float] | None = None, total_steps: int | None = None):
-        if target not in ("student", "ema"):
-            raise ValueError(f"target must be 'student' (LCM-LoRA: the student under no_grad) "
-                             f"or 'ema' (the EMA adapter, LCM's full-model script), got {target!r}")
+                 student_times: list[float] | None = None, total_steps: int | None = None,
+                 *, target_decay: float = 0.95):
+        if target not in ("momentum", "student", "ema"):
+            raise ValueError(f"target must be 'momentum' (the papers' target network, an EMA "
+                             f"of the student with decay target_decay), 'student' (LCM-LoRA's "
+                             f"script: the student under no_grad) or 'ema' (the loop's EMA "
+                             f"adapter, train.ema_decay), got {target!r}")
+        if not 0 <= target_decay < 1:
+            raise ValueError(f"target_decay must be in [0, 1), got {target_decay}")
+        self.target_decay = float(target_decay)
         if loss not in ("l2", "huber"):
             raise ValueError(f"loss must be 'l2' or 'huber' (pseudo-Huber), got {loss!r}")
         if w_max < w_min or w_min < 0:
@@ -298,7 +306,17 @@ class _ConsistencyDistillation(Objective):
                              f"method.num_train_timesteps={found}")
         if self.target == "ema" and getattr(nets.roles, "ema_of", None) != "student":
             raise ValueError("method.target=ema needs the student's EMA adapter: set "
-                             "train.ema_decay (e.g. 0.95, LCM's), or use target=student.")
+                             "train.ema_decay (e.g. 0.95, LCM's), or use target=momentum.")
+        if self.w_max > 0 and nets.teacher_model.denoiser.uncond is None:
+            raise ValueError(
+                f"method.w_min={self.w_min:g}, w_max={self.w_max:g} ask for a guided teacher "
+                f"(CFG at w + 1, up to {self.w_max + 1:g}), but this teacher has no "
+                "unconditional condition; set method.w_min=0 method.w_max=0 for an "
+                "unconditional teacher (w = 0 is the plain teacher), or give a custom teacher "
+                "its uncond= (and encode=)")
+        if self.target == "momentum":
+            self.momentum = MomentumTarget(nets.params("student"), self.target_decay)
+            nets.add_extra("student", "consistency_target", self.momentum)
 
     # -- pieces ---------------------------------------------------------------------------
     def sample_w(self, ctx) -> float:
@@ -334,8 +352,12 @@ class _ConsistencyDistillation(Objective):
             guided = nets.teacher(x_t, t, cond, guidance=w + 1.0)
             x_prev = ddim_step(sched, guided, x_t, t, t_prev)  # DDIM / flow Euler
             role = "ema" if self.target == "ema" else "student"
-            target = self._carry(nets, nets.x0(role, x_prev, t_prev, cond), x_prev, t_prev,
-                                 k_prev, k_end, ctx)
+            momentum = self.target == "momentum"
+            if momentum and ctx.micro == 0:
+                self.momentum.update()  # the student as the last optimizer step left it
+            with self.momentum.swapped() if momentum else contextlib.nullcontext():
+                target_x0 = nets.x0(role, x_prev, t_prev, cond)
+            target = self._carry(nets, target_x0, x_prev, t_prev, k_prev, k_end, ctx)
         online = self._carry(nets, nets.student(x_t, t, cond), x_t, t, k_start, k_end, ctx)
         loss = self.metric(online, target)
         ctx.log(consistency=loss, w=w)
@@ -348,8 +370,12 @@ class LCM(_ConsistencyDistillation):
     Args:
         solver_steps: S, the teacher solver's grid (50: timesteps 19, 39, ..., 999).
         w_min, w_max: range of the teacher's guidance w, LCM convention (teacher CFG g = w + 1).
-        target: ``student`` (LCM-LoRA: the student itself under no_grad) or ``ema`` (the EMA
-            adapter, LCM's full-model script; needs train.ema_decay, 0.95 there).
+        target: ``student`` (default, LCM-LoRA's script: the student itself under no_grad;
+            on the 2-D toy it drifts off the data under pseudo-Huber, docs/consistency.md),
+            ``momentum`` (the LCM / CM papers' target network: an EMA of the student with
+            decay ``target_decay``, 0.95 as LCM's Algorithm 1, kept by the objective; it fixes
+            the toy, and is slower on the embedded teachers at the tests' short budgets) or
+            ``ema`` (the loop's EMA adapter, train.ema_decay).
         loss: ``l2`` or ``huber`` (pseudo-Huber ``sqrt((a-b)^2 + c^2) - c``, c = huber_c).
         sigma_data, timestep_scaling: the boundary condition ``c_skip = sd^2 / ((k ts)^2 +
             sd^2)``, ``c_out = k ts / sqrt((k ts)^2 + sd^2)`` at integer timestep k, on both
@@ -365,9 +391,11 @@ class LCM(_ConsistencyDistillation):
                  target: str = "student", loss: str = "l2", huber_c: float = 0.001,
                  sigma_data: float = 0.5, timestep_scaling: float = 10.0,
                  sample_steps: list[int] | None = None, num_train_timesteps: int = 1000,
-                 student_times: list[float] | None = None, total_steps: int | None = None):
+                 student_times: list[float] | None = None, total_steps: int | None = None,
+                 target_decay: float = 0.95):
         super().__init__(solver_steps, w_min, w_max, target, loss, huber_c, sample_steps,
-                         num_train_timesteps, student_times, total_steps)
+                         num_train_timesteps, student_times, total_steps,
+                         target_decay=target_decay)
         self.sigma_data, self.timestep_scaling = sigma_data, timestep_scaling
 
     def sampler(self, num_steps=None):
@@ -400,10 +428,10 @@ class TCD(_ConsistencyDistillation):
                  w_max: float = 15.0, target: str = "student", loss: str = "l2",
                  huber_c: float = 0.001, sample_steps: list[int] | None = None,
                  num_train_timesteps: int = 1000, student_times: list[float] | None = None,
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, target_decay: float = 0.95):
         super().__init__(solver_steps, w_min, w_max, target, loss, huber_c,
                          sample_steps or list(range(1, 9)), num_train_timesteps, student_times,
-                         total_steps)
+                         total_steps, target_decay=target_decay)
         TCDSampler([1.0], self.grid, gamma)  # checks gamma
         self.gamma = float(gamma)
 
@@ -466,13 +494,14 @@ class PCM(_ConsistencyDistillation):
     def __init__(self, phases: int | None = None, solver_steps: int = 50, w_min: float = 3.0,
                  w_max: float = 15.0, target: str = "student", loss: str = "huber",
                  huber_c: float = 0.001, num_train_timesteps: int = 1000,
-                 student_times: list[float] | None = None, total_steps: int | None = None):
+                 student_times: list[float] | None = None, total_steps: int | None = None,
+                 target_decay: float = 0.95):
         k = int(phases or (len(student_times) if student_times else 1))
         if k < 1:
             raise ValueError(f"phases must be >= 1, got {phases}")
         super().__init__(solver_steps, w_min, w_max, target, loss, huber_c,
                          list(range(k, max(8, k) + 1, k)), num_train_timesteps,
-                         [1.0] * k, total_steps)
+                         [1.0] * k, total_steps, target_decay=target_decay)
         self.phases = k
         self._servable = [n for n in self._servable if n % k == 0]
         upper = self.grid.inference_timesteps(k)
