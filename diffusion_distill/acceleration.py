@@ -220,14 +220,17 @@ def apply_to_run(train_cfg: dict, nets, device="cpu") -> Attention:
     returns the run's :class:`Attention`, which the caller hands on (``nets.attention``)."""
     roles = nets.roles
     shared = getattr(roles, "backbone", None)
-    modules = [shared] if shared is not None else list(getattr(roles, "networks", {}).values())
+    # the shared base (its adapters switch per role) and every whole network of its own
+    # (a full role beside LoRA roles, or each user network)
+    modules = ([shared] if shared is not None else []) + [
+        m for m in getattr(roles, "networks", {}).values() if m is not shared]
     attention = Attention()
     for module in modules:
         backend = train_cfg.get("attention") or "native"
         if backend != "native":
             attention = set_attention_backend(module, backend, device)
         if train_cfg.get("gradient_checkpointing"):
-            enable_gradient_checkpointing(module, roles if shared is not None else None,
+            enable_gradient_checkpointing(module, roles if module is shared else None,
                                           attention)
         if train_cfg.get("compile"):
             compile_backbone(module)

@@ -13,7 +13,7 @@ from .objectives import Objective, build_objective
 from .recipe import load_recipe
 from .samplers import snap_to_train_steps
 from .schedules import student_timesteps
-from .student import Nets, SeparateRoles, SharedBaseRoles
+from .student import MixedRoles, Nets, SeparateRoles, SharedBaseRoles
 
 # train.base_dtype -> the frozen base's weights (teacher backbone, VAE, text encoders)
 BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -87,16 +87,37 @@ def build_nets(recipe, teacher, objective: Objective, networks=None) -> Nets:
                 "(each called like the teacher: x0 = net(x_t, t, cond)).")
         roles = SeparateRoles(teacher.backbone, networks=networks, roles=objective.roles,
                               ema=ema, ema_of=ema_of or "student")
-    elif s["mode"] == "lora":
-        roles = SharedBaseRoles(teacher.backbone, roles=objective.roles, rank=s["rank"],
-                                alpha=s["alpha"], target_modules=s["target_modules"], ema=ema,
-                                ema_of=ema_of or "student")
-    elif s["mode"] == "full":
-        roles = SeparateRoles(teacher.backbone, roles=objective.roles, ema=ema,
-                              ema_of=ema_of or "student")
     else:
-        raise ValueError(f"student.mode must be 'lora' or 'full', got {s['mode']!r}")
+        modes = role_modes(recipe, objective)
+        kinds = set(modes.values())
+        if kinds == {"lora"}:
+            roles = SharedBaseRoles(teacher.backbone, roles=objective.roles, rank=s["rank"],
+                                    alpha=s["alpha"], target_modules=s["target_modules"],
+                                    ema=ema, ema_of=ema_of or "student")
+        elif kinds == {"full"}:
+            roles = SeparateRoles(teacher.backbone, roles=objective.roles, ema=ema,
+                                  ema_of=ema_of or "student")
+        else:
+            roles = MixedRoles(teacher.backbone, modes, rank=s["rank"], alpha=s["alpha"],
+                               target_modules=s["target_modules"], ema=ema,
+                               ema_of=ema_of or "student")
     return Nets(teacher, roles, guidance=recipe["teacher"]["guidance"])
+
+
+def role_modes(recipe, objective: Objective) -> dict[str, str]:
+    """``{role: "lora" | "full"}``: a role trained at the student's rate (``train.lr``: the
+    student, Phased DMD's experts) takes ``student.mode``; every other role (critics) takes
+    ``critic.mode``, which defaults to ``student.mode``."""
+    student = recipe["student"]["mode"]
+    critic = recipe["critic"]["mode"] or student
+    modes = {r: student if objective.role_settings(r).lr == "lr" else critic
+             for r in objective.roles}
+    if recipe["critic"]["mode"] and all(objective.role_settings(r).lr == "lr"
+                                        for r in objective.roles):
+        raise ValueError(f"recipe key 'critic.mode' is {recipe['critic']['mode']!r}, but "
+                         f"method {recipe['method']['name']!r} trains no critic (its roles: "
+                         f"{list(objective.roles)}); remove critic.mode (or set it to null)")
+    return modes
 
 
 def student_times(recipe, teacher) -> list[float]:

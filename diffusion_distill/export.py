@@ -87,9 +87,9 @@ def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = No
     from .build import student_times
     from .checkpoint import atomic_dir
     from .objectives import build_objective
-    from .student import SharedBaseRoles, serving_role
+    from .student import role_is_full, serving_role
 
-    if not isinstance(nets.roles, SharedBaseRoles):
+    if role_is_full(nets.roles, "student"):  # a whole student network: a whole pipeline
         return _export_full(nets, teacher, recipe, out_dir)
     if teacher.pipe is None:
         raise ValueError("a custom teacher has no diffusers pipeline to export a LoRA for; "

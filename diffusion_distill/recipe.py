@@ -86,6 +86,11 @@ DEFAULTS: dict = {
         "num_steps": 1,            # sampling steps of the student (1, 2 or 4 in the papers)
         "timesteps": None,         # explicit student times in [0, 1], highest first
     },
+    "critic": {
+        # lora | full | null (null: as student.mode); a method's non-student roles (DMD's
+        # fake score, SiD's critic) take it. LoRA critics share the student's rank/targets.
+        "mode": None,
+    },
     "method": {"name": "dmd2"},
     "data": {
         "source": "world",         # world: procedural shapes; folder: a user's images;
@@ -294,6 +299,7 @@ _RULES = [
     ("train.optimizer", lambda v: v in ("adamw", "adamw8bit"), "adamw or adamw8bit"),
     ("train.attention", lambda v: v in _attention_backends(), _AttentionBackends()),
     ("student.mode", lambda v: v in ("lora", "full"), "lora or full"),
+    ("critic.mode", lambda v: v in ("lora", "full"), "lora or full, or null (= student.mode)"),
     ("student.rank", lambda v: v >= 1, "an integer >= 1"),
     ("student.alpha", lambda v: math.isfinite(v) and v > 0, "a number > 0, or null (= rank)"),
     ("student.num_steps", lambda v: v >= 1, "an integer >= 1"),

@@ -228,6 +228,85 @@ class SeparateRoles:
         self.networks[role].load_state_dict(state)
 
 
+class MixedRoles:
+    """Each role at its own capacity: ``lora`` roles as adapters on the one frozen base,
+    ``full`` roles as whole networks (``student.mode`` / ``critic.mode`` in a recipe).
+
+    Used when the modes differ (e.g. a LoRA student beside a full critic); when every role
+    has one mode, :class:`SharedBaseRoles` or :class:`SeparateRoles` alone does the job. The
+    EMA follows its role's mode (an adapter, or a whole copy). A full role's network is
+    copied from the teacher before any adapter is put on the base, so it holds no adapters.
+
+    Args:
+        modes: ``{role: "lora" | "full"}`` for every trained role.
+        rank, alpha, target_modules: the LoRA shape of the ``lora`` roles.
+    """
+
+    def __init__(self, backbone: nn.Module, modes: dict[str, str], rank: int = 16,
+                 alpha: float | None = None, target_modules: list[str] | None = None,
+                 ema: bool = True, ema_of: str = "student"):
+        unknown = {r: m for r, m in modes.items() if m not in ("lora", "full")}
+        if unknown:
+            raise ValueError(f"role modes must be 'lora' or 'full', got {unknown}")
+        self.modes = dict(modes)
+        self.trainable = list(modes)
+        self.ema_of = ema_of if ema else None
+        full = [r for r in self.trainable if modes[r] == "full"]
+        lora = [r for r in self.trainable if modes[r] == "lora"]
+        ema_full = ema and modes[ema_of] == "full"
+        # copies first: the base gets its adapters below, and a full role must not hold them
+        self.full = SeparateRoles(backbone, roles=full, ema=ema_full, ema_of=ema_of)
+        self.shared = SharedBaseRoles(backbone, roles=lora, rank=rank, alpha=alpha,
+                                      target_modules=target_modules,
+                                      ema=ema and not ema_full, ema_of=ema_of)
+        self.backbone = backbone
+        self.networks = {r: m for r, m in self.full.networks.items() if r != TEACHER}
+        self.lora_config = self.shared.lora_config
+        self.active = TEACHER
+
+    def _owner(self, role: str):
+        """The role set that holds ``role`` (the teacher: the shared base, adapters off)."""
+        return self.full if role in self.networks else self.shared
+
+    def is_full(self, role: str) -> bool:
+        return role in self.networks
+
+    def params(self, role: str) -> list[nn.Parameter]:
+        return self._owner(role).params(role)
+
+    def activate(self, role: str):
+        # a full role's network has no adapters: the base is left as it is
+        if role not in self.networks:
+            self.shared.activate(role)
+        self.active = role
+
+    @contextlib.contextmanager
+    def use(self, role: str):
+        previous = self.active
+        self.activate(role)
+        try:
+            yield
+        finally:
+            self.activate(previous)
+
+    @torch.no_grad()
+    def update_ema(self, decay: float):
+        self._owner("ema").update_ema(decay)
+
+    def state_dict(self, role: str):
+        return self._owner(role).state_dict(role)
+
+    def load_state_dict(self, role: str, state):
+        self._owner(role).load_state_dict(role, state)
+
+
+def role_is_full(roles, role: str) -> bool:
+    """Whether ``role`` is a whole network of its own (not an adapter on the shared base)."""
+    if isinstance(roles, MixedRoles):
+        return roles.is_full(role)
+    return isinstance(roles, SeparateRoles)
+
+
 def _is_lora_layer(module) -> bool:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -250,12 +329,10 @@ class Nets:
         # the run's attention backend, handed over by acceleration.apply_to_run
         self.attention = Attention()
         base = teacher.denoiser
-        if isinstance(roles, SeparateRoles):
-            self._denoisers = {r: Denoiser(m, base.schedule, base.prediction_type, base.call,
-                                           uncond=base.uncond)
-                               for r, m in roles.networks.items()}
-        else:
-            self._denoisers = None
+        # a denoiser per whole network; adapter roles go through the teacher's own
+        self._denoisers = {r: Denoiser(m, base.schedule, base.prediction_type, base.call,
+                                       uncond=base.uncond)
+                           for r, m in getattr(roles, "networks", {}).items()}
 
     def x0(self, role: str, x_t, t, cond, guidance: float | None = None):
         if guidance is None:
@@ -264,8 +341,9 @@ class Nets:
             return self.denoiser(role)(x_t, t, cond, guidance=guidance)
 
     def denoiser(self, role: str) -> Denoiser:
-        """The denoiser that computes ``role`` (the teacher's, on a shared base)."""
-        return self.teacher_model.denoiser if self._denoisers is None else self._denoisers[role]
+        """The denoiser that computes ``role`` (the teacher's, for an adapter on the shared
+        base; its own, for a role with a whole network)."""
+        return self._denoisers.get(role, self.teacher_model.denoiser)
 
     def teacher(self, x_t, t, cond, guidance=None):
         return self.x0(TEACHER, x_t, t, cond, guidance)
@@ -278,7 +356,7 @@ class Nets:
 
     def network(self, role: str) -> nn.Module:
         """The module that computes ``role`` (the shared base, or the role's own network)."""
-        if isinstance(self.roles, SeparateRoles):
+        if role in getattr(self.roles, "networks", {}):
             return self.roles.networks[role]
         return self.roles.backbone
 
@@ -306,6 +384,9 @@ class Nets:
     def trainable_modules(self) -> list[nn.Module]:
         if isinstance(self.roles, SeparateRoles):
             return [self.roles.networks[r] for r in self.roles.trainable]
+        if isinstance(self.roles, MixedRoles):
+            return [self.roles.backbone, *(self.roles.networks[r] for r in self.roles.trainable
+                                           if self.roles.is_full(r))]
         return [self.roles.backbone]
 
 

@@ -128,5 +128,4 @@ def v_weight(prediction_type: str, alpha, sigma) -> torch.Tensor | float:
 
 def _role_denoiser(nets, role):
     """The Denoiser object that runs ``role`` (its own network, or the shared base)."""
-    own = getattr(nets, "_denoisers", None)
-    return own[role] if own is not None else nets.teacher_model.denoiser
+    return nets.denoiser(role)
