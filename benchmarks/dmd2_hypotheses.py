@@ -33,7 +33,7 @@ for p in (ROOT, HERE):
 HYPOTHESES = {
     "baseline": ("the shipped recipe", []),
     "rank_64": ("the LoRA student lacks capacity (r 16 -> 64)", ["student.rank=64"]),
-    "full": ("the LoRA student lacks capacity (control: full fine-tune)",
+    "full": ("the LoRA student lacks capacity (control: full fine-tune of student and critic)",
              ["student.mode=full"]),
     # The UNet default targets its resnets' time_emb_proj (the time-conditioned scale and
     # shift); the transformer default left out its analogue, AdaLN's modulation linears.
@@ -49,6 +49,9 @@ HYPOTHESES = {
     "guidance_3": ("the real score over-sharpens at CFG 5 (CFG 3)", ["teacher.guidance=3.0"]),
     "gan": ("the DM gradient alone cannot keep the data's detail (DMD2's GAN term, 0.01)",
             ["method.gan_weight=0.01"]),
+    # round two (issue 27): the full run's gain on sd3 split into its two roles
+    "lora_student_full_critic": ("the critic, not the student, lacks capacity (LoRA student, "
+                                 "full critic)", ["critic.mode=full"]),
 }
 TEACHER_STEPS, TEACHER_GUIDANCE = 50, 5.0
 
