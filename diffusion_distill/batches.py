@@ -136,7 +136,12 @@ class Batches:
             raise ValueError(f"data.source must be 'world', 'folder' or 'prompts', got "
                              f"{self.source!r}")
 
-    def __call__(self, rng: Randomness, local_batch: int) -> dict:
+    def prompts(self, n: int, seed: int) -> list[str]:
+        """``n`` prompts of this run's data, a function of ``seed`` alone (e.g. for the
+        prompts of cached teacher samples)."""
+        return self(Randomness(seed, step=-1, micro=0), n, encode=False)["prompts"]
+
+    def __call__(self, rng: Randomness, local_batch: int, encode: bool = True) -> dict:
         n = local_batch * rng.world
         images = None
         if self.source == "world" and not self.needs_data:
@@ -157,6 +162,8 @@ class Batches:
             images, captions = self.folder.get_many(index)
         lo, hi = rng.rank * local_batch, (rng.rank + 1) * local_batch
         captions = list(captions)[lo:hi]
+        if not encode:
+            return {"prompts": captions}
         batch = {"prompts": captions, "cond": self.teacher.prompts(captions)}
         if self.source == "samples":
             if self.needs_data:

@@ -131,6 +131,14 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
     torch.manual_seed(cfg["seed"])  # adapters' random init is the same on every process
     teacher, objective, nets = setup_run(recipe, device, teacher, networks)
     batches = Batches(recipe, teacher, objective, data)
+    from .objectives import RunFiles
+
+    files = RunFiles(run_dir, batches.prompts, cfg["seed"])
+    if main:  # what the method caches in the run folder: made by one process, read by all
+        objective.prepare(nets, files)
+    accelerator.wait_for_everyone()
+    if not main:
+        objective.prepare(nets, files)
 
     per_step = world * cfg["grad_accum"]
     if cfg["batch_size"] % per_step:

@@ -126,6 +126,16 @@ def time_range_problems(o: dict):
         yield "t_max", o["t_max"], f"above method.t_min ({o['t_min']})"
 
 
+@dataclass(frozen=True)
+class RunFiles:
+    """What :meth:`Objective.prepare` gets from the loop: the run folder, the run's prompt
+    source ``prompts(n, seed) -> list[str]`` and the run's seed."""
+
+    run_dir: str
+    prompts: object
+    seed: int = 0
+
+
 class Objective:
     """Base class. ``roles``: adapters the method trains; ``needs_data``: wants real x0.
 
@@ -164,6 +174,10 @@ class Objective:
     def nonfinite_advice(self, role: str) -> str:
         """What to try when ``role``'s loss is NaN or infinite."""
         return "lower train.lr or check the data"
+
+    def prepare(self, nets, run: RunFiles) -> None:
+        """Called once by the training loop before its first step (on a resume too): make or
+        read what the method caches per run in the run folder (e.g. DMD's teacher pairs)."""
 
     def __call__(self, nets, batch, ctx):
         raise NotImplementedError

@@ -71,6 +71,16 @@ class DMD2(Objective):
         student_times: the student's sampling times, highest first (from the recipe).
         backward_simulation: for multi-step students, make the student's input by running the
             student itself (DMD2 sec. 4.5) rather than noising real data.
+        regression_weight: weight of DMD's regression loss (DMD sec. 3.3; the paper uses
+            0.25): the 1-step student's output from noise z pulled toward the teacher's
+            deterministic ``regression_steps``-step sample from the same z (CFG: the real
+            score's scale), made once per run and cached in the run folder
+            (:mod:`~diffusion_distill.teacher_pairs`). 0 (default) leaves DMD2 as it was.
+            The distance is the mean squared error in the teacher's latent space: no
+            perceptual network ships here (LPIPS weights cannot be fetched), and the world's
+            EfficientNet features are the evaluation's own feature space, which a loss must
+            not optimise directly, or FD would flatter the student.
+        regression_pairs: how many pairs to make (each student step draws a batch of them).
     """
 
     name = "dmd2"
@@ -81,20 +91,37 @@ class DMD2(Objective):
         # the teacher's CFG scale: as teacher.guidance, never negative
         guidance=number(0, none=True), gan_weight=number(0),
         gan_critic_weight=number(0), gan_feature_module=text(),
-        backward_simulation=flag(),
+        backward_simulation=flag(), regression_weight=number(0), regression_pairs=integer(1),
+        regression_steps=integer(1),
     )
 
     @classmethod
     def plan(cls, o, recipe):
-        return time_range_problems(o)
+        yield from time_range_problems(o)
+        steps = recipe_student_steps(recipe)
+        if o.get("regression_weight", 0) > 0 and steps != 1:
+            why = (f"0 with a {steps}-step student (the regression pulls a 1-step student's "
+                   "output toward the teacher's; set student.num_steps=1 or regression_weight=0)")
+            yield "regression_weight", o["regression_weight"], why
 
     def __init__(self, critic_steps: int = 5, t_min: float = 0.02, t_max: float = 0.98,
                  guidance: float | None = None, gan_weight: float = 0.0,
                  gan_critic_weight: float = 0.01, gan_feature_module: str | None = None,
                  student_times: list[float] | None = None, backward_simulation: bool = True,
-                 total_steps: int | None = None):
+                 regression_weight: float = 0.0, regression_pairs: int = 256,
+                 regression_steps: int = 50, total_steps: int | None = None):
         if critic_steps < 1:
             raise ValueError(f"critic_steps must be >= 1, got {critic_steps}")
+        if not regression_weight >= 0:
+            raise ValueError(f"regression_weight must be >= 0 (0: off), got {regression_weight}")
+        if regression_weight > 0 and len(student_times or [1.0]) != 1:
+            raise ValueError(
+                f"regression_weight={regression_weight} pulls a 1-step student's output toward "
+                f"the teacher's, but this student takes {len(student_times)} steps; set "
+                "method.regression_weight=0 or student.num_steps=1")
+        if regression_pairs < 1 or regression_steps < 1:
+            raise ValueError(f"regression_pairs and regression_steps must be >= 1, got "
+                             f"{regression_pairs}, {regression_steps}")
         if not 0 <= t_min < t_max <= 1:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
         self.critic_steps = critic_steps
@@ -107,6 +134,9 @@ class DMD2(Objective):
         self.backward_simulation = backward_simulation
         self.needs_data = gan_weight > 0
         self._features = None
+        self.regression_weight = regression_weight
+        self.regression_pairs, self.regression_steps = regression_pairs, regression_steps
+        self.pairs = None
 
     # -- pieces -------------------------------------------------------------------------
     def setup(self, nets):
@@ -121,6 +151,25 @@ class DMD2(Objective):
     def nonfinite_advice(self, role: str) -> str:
         advice = "lower train.lr (or train.lr_critic) or check the data"
         return advice + (", or lower method.gan_weight" if self.gan_weight > 0 else "")
+
+    def prepare(self, nets, run):
+        if self.regression_weight > 0:
+            from ..teacher_pairs import load_or_make
+
+            guidance = nets.guidance if self.guidance is None else self.guidance
+            self.pairs = load_or_make(run.run_dir, nets.teacher_model, run.prompts,
+                                      self.regression_pairs, self.regression_steps, guidance,
+                                      run.seed)
+
+    def regression_loss(self, nets, ctx, n: int) -> torch.Tensor:
+        """DMD's regression term on ``n`` cached pairs: MSE between the student's 1-step
+        output from z and the teacher's sample from z (see the class docstring)."""
+        if self.pairs is None:
+            raise RuntimeError("regression_weight > 0 but no teacher pairs: the training loop "
+                               "calls objective.prepare(nets, run) before the first step")
+        z, y, prompts = self.pairs.batch(ctx.rng, n)
+        x0 = nets.student(z, self.student_times[0], nets.teacher_model.prompts(prompts))
+        return F.mse_loss(x0, y)
 
     def student_step(self, ctx) -> bool:
         return ctx.step % self.critic_steps == 0
@@ -160,6 +209,10 @@ class DMD2(Objective):
                                                       cond)).mean()
                 ctx.log(gan_g=g_loss)
                 loss = loss + self.gan_weight * g_loss
+            if self.regression_weight > 0:
+                reg = self.regression_loss(nets, ctx, x0.shape[0])
+                ctx.log(regression=reg)
+                loss = loss + self.regression_weight * reg
             yield "student", loss
             fake = x0.detach()
         else:
@@ -177,15 +230,22 @@ class DMD2(Objective):
 
 
 class DMD(DMD2):
-    """The original DMD direction without the regression loss: one critic step per student step."""
+    """The original DMD: one critic step per student step; its regression loss on cached
+    teacher pairs with ``regression_weight`` (the paper's 0.25; default 0: off)."""
 
     name = "dmd"
-    options = table({k: DMD2.options[k] for k in ("t_min", "t_max", "guidance")})
+    options = table({k: DMD2.options[k] for k in ("t_min", "t_max", "guidance",
+                                                   "regression_weight", "regression_pairs",
+                                                   "regression_steps")})
 
     def __init__(self, t_min: float = 0.02, t_max: float = 0.98, guidance: float | None = None,
-                 student_times: list[float] | None = None, total_steps: int | None = None):
+                 student_times: list[float] | None = None, regression_weight: float = 0.0,
+                 regression_pairs: int = 256, regression_steps: int = 50,
+                 total_steps: int | None = None):
         super().__init__(critic_steps=1, t_min=t_min, t_max=t_max, guidance=guidance,
-                         student_times=student_times, backward_simulation=False)
+                         student_times=student_times, backward_simulation=False,
+                         regression_weight=regression_weight, regression_pairs=regression_pairs,
+                         regression_steps=regression_steps)
 
 
 class DecoupledDMD(DMD2):
@@ -198,7 +258,8 @@ class DecoupledDMD(DMD2):
     """
 
     name = "decoupled_dmd"
-    options = table({k: v for k, v in DMD2.options.items() if not k.startswith("gan_")},
+    options = table({k: v for k, v in DMD2.options.items()
+                     if not k.startswith(("gan_", "regression_"))},
                     ca_weight=number(0), dm_weight=number(0), ca_above_student_t=flag())
 
     def __init__(self, ca_weight: float = 1.0, dm_weight: float = 1.0,
