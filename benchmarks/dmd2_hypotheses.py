@@ -50,11 +50,13 @@ HYPOTHESES = {
     "gan": ("the DM gradient alone cannot keep the data's detail (DMD2's GAN term, 0.01)",
             ["method.gan_weight=0.01"]),
     # round two (issue 27): the full run's gain on sd3 split into its two roles
-    "lora_student_full_critic": ("the critic, not the student, lacks capacity (LoRA student, "
-                                 "full critic)", ["critic.mode=full"]),
-    "regression_0.25": ("the DM gradient alone loses the teacher's noise-to-image map (DMD's "
-                        "regression on 256 cached teacher pairs, weight 0.25, latent MSE)",
-                        ["method.regression_weight=0.25"]),
+    "lora_student_full_critic": (
+        "the critic, not the student, lacks capacity (LoRA student, full critic)",
+        ["critic.mode=full"]),
+    "regression_0.25": (
+        ("the DM gradient alone loses the teacher's noise-to-image map (DMD's regression on "
+         "256 cached teacher pairs, weight 0.25, latent MSE)"),
+        ["method.regression_weight=0.25"]),
 }
 TEACHER_STEPS, TEACHER_GUIDANCE = 50, 5.0
 
