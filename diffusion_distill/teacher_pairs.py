@@ -45,20 +45,21 @@ class TeacherPairs:
                 [self.prompts[i] for i in index.tolist()])
 
 
-def describe(teacher, num: int, steps: int, guidance: float, seed: int) -> dict:
+def describe(teacher, fingerprint: str, num: int, steps: int, guidance: float,
+             seed: int) -> dict:
     """What a cache must have been made with to be reused (compared key by key)."""
-    from .export import base_fingerprint
-
-    return {"teacher": str(teacher.path), "base_fingerprint": base_fingerprint(teacher.backbone),
+    return {"teacher": str(teacher.path), "base_fingerprint": fingerprint,
             "latent_shape": list(teacher.latent_shape), "num": int(num), "steps": int(steps),
             "guidance": float(guidance), "seed": int(seed), "sampler": "ddim eta 0"}
 
 
-def load_or_make(run_dir: str, teacher, prompts_fn, num: int, steps: int = 50,
-                 guidance: float = 1.0, seed: int = 0, log=print) -> TeacherPairs:
+def load_or_make(run_dir: str, teacher, fingerprint: str, prompts_fn, num: int,
+                 steps: int = 50, guidance: float = 1.0, seed: int = 0,
+                 log=print) -> TeacherPairs:
     """The run's pairs: read from the cache, continued where an earlier call stopped, or made.
 
     Args:
+        fingerprint: the teacher's base weights' fingerprint (``export.base_fingerprint``).
         prompts_fn: ``prompts_fn(num, seed) -> list[str]``, the run's prompt source.
         guidance: the teacher's CFG scale in the pairs (the run's real score scale).
     Raises:
@@ -70,7 +71,7 @@ def load_or_make(run_dir: str, teacher, prompts_fn, num: int, steps: int = 50,
     from .checkpoint import atomic_path
 
     path = os.path.join(run_dir, FILE_NAME)
-    want = describe(teacher, num, steps, guidance, seed)
+    want = describe(teacher, fingerprint, num, steps, guidance, seed)
     done_z, done_y = [], []
     prompts = None
     if os.path.isfile(path):

@@ -131,9 +131,10 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
     torch.manual_seed(cfg["seed"])  # adapters' random init is the same on every process
     teacher, objective, nets = setup_run(recipe, device, teacher, networks)
     batches = Batches(recipe, teacher, objective, data)
+    from .export import base_fingerprint
     from .objectives import RunFiles
 
-    files = RunFiles(run_dir, batches.prompts, cfg["seed"])
+    files = RunFiles(run_dir, batches.prompts, cfg["seed"], base_fingerprint(teacher.backbone))
     if main:  # what the method caches in the run folder: made by one process, read by all
         objective.prepare(nets, files)
     accelerator.wait_for_everyone()

@@ -6,6 +6,7 @@ import torch
 from conftest import tiny_recipe
 
 from diffusion_distill import teacher_pairs
+from diffusion_distill.export import base_fingerprint
 from diffusion_distill.recipe import load_recipe
 from diffusion_distill.train import setup_run, train
 from diffusion_distill.world.toy2d import MLPDenoiser, toy_teacher
@@ -56,12 +57,15 @@ def test_pairs_resume_after_an_interruption_and_refuse_another_teacher(tiny_sd_p
     recipe = load_recipe(tiny_recipe(tiny_sd_path, tmp_path / "run"))
     teacher, _, _ = setup_run(recipe)
 
+    def fp(t):
+        return base_fingerprint(t.backbone)
+
     def prompts(n, seed):
         return [f"a red circle {i}" for i in range(n)]
 
     run = str(tmp_path / "run")
     os.makedirs(run)
-    whole = teacher_pairs.load_or_make(str(tmp_path), teacher, prompts, 40, steps=4,
+    whole = teacher_pairs.load_or_make(str(tmp_path), teacher, fp(teacher), prompts, 40, steps=4,
                                        guidance=3.0, log=lambda s: None)
     calls, kill = [], [True]
     sample = teacher.sample
@@ -74,11 +78,11 @@ def test_pairs_resume_after_an_interruption_and_refuse_another_teacher(tiny_sd_p
 
     teacher.sample = interrupted
     with pytest.raises(RuntimeError, match="killed"):
-        teacher_pairs.load_or_make(run, teacher, prompts, 40, steps=4, guidance=3.0,
+        teacher_pairs.load_or_make(run, teacher, fp(teacher), prompts, 40, steps=4, guidance=3.0,
                                    log=lambda s: None)
     calls.clear()
     kill[0] = False
-    resumed = teacher_pairs.load_or_make(run, teacher, prompts, 40, steps=4, guidance=3.0,
+    resumed = teacher_pairs.load_or_make(run, teacher, fp(teacher), prompts, 40, steps=4, guidance=3.0,
                                          log=lambda s: None)
     assert calls == [16, 8]  # the first chunk came from the cache
     torch.testing.assert_close(resumed.z, whole.z, rtol=0, atol=0)
@@ -90,9 +94,9 @@ def test_pairs_resume_after_an_interruption_and_refuse_another_teacher(tiny_sd_p
     recipe["teacher"]["path"] = str(other)
     other_teacher, _, _ = setup_run(recipe)
     with pytest.raises(ValueError, match="another teacher.*Delete that file"):
-        teacher_pairs.load_or_make(run, other_teacher, prompts, 40, steps=4, guidance=3.0)
+        teacher_pairs.load_or_make(run, other_teacher, fp(other_teacher), prompts, 40, steps=4, guidance=3.0)
     with pytest.raises(ValueError, match="other settings.*guidance"):
-        teacher_pairs.load_or_make(run, teacher, prompts, 40, steps=4, guidance=5.0)
+        teacher_pairs.load_or_make(run, teacher, fp(teacher), prompts, 40, steps=4, guidance=5.0)
 
 
 def test_regression_weight_is_checked():

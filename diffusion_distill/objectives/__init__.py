@@ -129,11 +129,13 @@ def time_range_problems(o: dict):
 @dataclass(frozen=True)
 class RunFiles:
     """What :meth:`Objective.prepare` gets from the loop: the run folder, the run's prompt
-    source ``prompts(n, seed) -> list[str]`` and the run's seed."""
+    source ``prompts(n, seed) -> list[str]``, the run's seed and the fingerprint of the
+    teacher's base weights (to recognise a cache made by another teacher)."""
 
     run_dir: str
     prompts: object
     seed: int = 0
+    teacher_fingerprint: str = ""
 
 
 class Objective:

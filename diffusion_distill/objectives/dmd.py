@@ -157,9 +157,9 @@ class DMD2(Objective):
             from ..teacher_pairs import load_or_make
 
             guidance = nets.guidance if self.guidance is None else self.guidance
-            self.pairs = load_or_make(run.run_dir, nets.teacher_model, run.prompts,
-                                      self.regression_pairs, self.regression_steps, guidance,
-                                      run.seed)
+            self.pairs = load_or_make(run.run_dir, nets.teacher_model, run.teacher_fingerprint,
+                                      run.prompts, self.regression_pairs, self.regression_steps,
+                                      guidance, run.seed)
 
     def regression_loss(self, nets, ctx, n: int) -> torch.Tensor:
         """DMD's regression term on ``n`` cached pairs: MSE between the student's 1-step
