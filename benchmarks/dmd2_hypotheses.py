@@ -93,11 +93,7 @@ def main(argv=None):
                     "alignment": teacher_row["alignment"]["whole_prompt"],
                     "attributes": _attributes(teacher_row)},
         "runs": {}}
-    if os.path.isfile(out):  # runs of other hypotheses from an earlier call stay
-        with open(out) as f:
-            earlier = json.load(f)
-        if earlier.get("steps") == a.steps and earlier.get("num_samples") == a.eval_num:
-            result["runs"] = earlier.get("runs", {})
+    result["runs"] = _earlier_runs(out, a)  # runs of other hypotheses from an earlier call stay
     for name in a.only:
         hypothesis, overrides = HYPOTHESES[name]
         run_dir = os.path.join(a.runs, a.teacher, name)
@@ -119,10 +115,24 @@ def main(argv=None):
         print(f"[hypotheses] {name}: FD {last['fd']:.1f} ({last['fd_ratio']:.2f}x), FD-T "
               f"{last['fd_teacher']:.1f}, alignment {last['alignment']:.3f}, recall "
               f"{last['recall']:.2f}, worst share {last['worst_share']}", flush=True)
-        write_json(out, result)  # after every run: an interrupted sweep keeps what it has
+        # after every run, over what is on disk now (a sweep of other hypotheses may run
+        # beside this one): an interrupted sweep keeps what it has
+        result["runs"] = {**_earlier_runs(out, a), name: result["runs"][name]}
+        write_json(out, result)
     _plot(result, out[:-len(".json")] + ".png")
     print(f"[hypotheses] -> {out}")
     return 0
+
+
+def _earlier_runs(out, a) -> dict:
+    """The runs already in the results file, if made at this budget and sample count."""
+    if not os.path.isfile(out):
+        return {}
+    with open(out) as f:
+        earlier = json.load(f)
+    if earlier.get("steps") == a.steps and earlier.get("num_samples") == a.eval_num:
+        return earlier.get("runs", {})
+    return {}
 
 
 def _attributes(row) -> dict:
