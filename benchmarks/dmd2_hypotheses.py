@@ -57,6 +57,10 @@ HYPOTHESES = {
         ("the DM gradient alone loses the teacher's noise-to-image map (DMD's regression on "
          "256 cached teacher pairs, weight 0.25, latent MSE)"),
         ["method.regression_weight=0.25"]),
+    "warm_tcd": (
+        ("a 1-step student must first find the teacher's map from scratch (warm start from "
+         "the 2-step TCD LoRA export of the same teacher, --tcd-export)"),
+        ["student.init={tcd_export}"]),
 }
 TEACHER_STEPS, TEACHER_GUIDANCE = 50, 5.0
 
@@ -71,6 +75,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default="sd3", choices=["sd", "sd3"])
     p.add_argument("--only", nargs="+", choices=list(HYPOTHESES), default=list(HYPOTHESES))
+    p.add_argument("--tcd-export", default=os.path.join(ROOT, "runs", "tcd_{teacher}", "export"),
+                   help="the TCD LoRA export warm_tcd starts from ({teacher}: sd or sd3); "
+                        "made by `ddistill train recipes/tcd_{teacher}.yaml train.steps=300 "
+                        "output.dir=runs/tcd_{teacher}`")
     add_run_arguments(p, "dmd2_hypotheses", steps=600, eval_every=150)
     a = p.parse_args(argv)
     check_run_arguments(p, a)
@@ -97,6 +105,8 @@ def main(argv=None):
     for name in a.only:
         hypothesis, overrides = HYPOTHESES[name]
         run_dir = os.path.join(a.runs, a.teacher, name)
+        tcd_export = os.path.abspath(a.tcd_export.format(teacher=a.teacher))
+        overrides = [o.format(tcd_export=tcd_export) for o in overrides]
         recipe = load_recipe(os.path.join(ROOT, "recipes", f"dmd2_{a.teacher}.yaml"), [
             *overrides, f"train.steps={a.steps}", f"train.eval_every={a.eval_every}",
             f"train.eval_num={a.eval_num}", "output.export=false", f"output.dir={run_dir}"])

@@ -85,6 +85,8 @@ DEFAULTS: dict = {
         "target_modules": None,
         "num_steps": 1,            # sampling steps of the student (1, 2 or 4 in the papers)
         "timesteps": None,         # explicit student times in [0, 1], highest first
+        "init": None,              # an export folder of this teacher to start from (warm
+                                   # start; see warm_start.py), or None: the teacher
     },
     "critic": {
         # lora | full | null (null: as student.mode); a method's non-student roles (DMD's
@@ -303,6 +305,8 @@ _RULES = [
     ("student.rank", lambda v: v >= 1, "an integer >= 1"),
     ("student.alpha", lambda v: math.isfinite(v) and v > 0, "a number > 0, or null (= rank)"),
     ("student.num_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("student.init", lambda v: isinstance(v, str) and bool(v.strip()),
+     "an export folder of this teacher (a path), or null (start from the teacher)"),
     ("student.timesteps", lambda v: len(v) >= 1 and all(
         isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 1 for t in v)
      and all(a > b for a, b in itertools.pairwise(v)),

@@ -17,7 +17,7 @@ import yaml
 # load weights into the wrong shapes, or train them towards another target.
 # (The method's options are compared one by one; ``train.ema_decay`` only for on / off.)
 IDENTITY_KEYS = ("teacher.path", "teacher.build", "teacher.prediction_type", "student.mode",
-                 "critic.mode",
+                 "critic.mode", "student.init",
                  "student.rank", "student.alpha", "student.target_modules", "student.num_steps",
                  "student.timesteps")
 LOCK_NAME = ".lock"

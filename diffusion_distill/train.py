@@ -194,6 +194,11 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
         train_seconds = float(state.get("train_seconds", 0.0))
         if main:
             print(f"resuming {run_dir} from step {start} ({ckpt})")
+    elif recipe["student"]["init"]:  # a fresh run's warm start (a resume has its checkpoint)
+        from .warm_start import init_student
+
+        init_student(nets, teacher, recipe, files.teacher_fingerprint,
+                     log=print if main else (lambda s: None))
 
     def checkpoint(step):
         if main:
