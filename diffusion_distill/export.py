@@ -75,12 +75,16 @@ def teacher_reference(recipe: dict, teacher) -> dict:
 
 
 def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = None,
-                objective=None) -> str:
+                objective=None, lora_rank: int | None = None) -> str:
     """Write the export folder (atomically: a temp folder renamed into place).
 
     The objective's sampler decides everything method-specific: which adapters serve which
     steps (one LoRA at the top level, or one sub-folder per adapter), the scheduler and the
     pipeline call arguments, for every step count the student can serve.
+
+    ``lora_rank`` (default: the recipe's ``output.lora_rank``): a full student is written as
+    a rank-``lora_rank`` LoRA (truncated SVD of each layer's change, :mod:`.lowrank`) in the
+    same format as a LoRA student's export, instead of as a whole pipeline.
     """
     from safetensors.torch import save_file
 
@@ -89,8 +93,15 @@ def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = No
     from .objectives import build_objective
     from .student import role_is_full, serving_role
 
-    if role_is_full(nets.roles, "student"):  # a whole student network: a whole pipeline
+    if lora_rank is None:
+        lora_rank = recipe["output"].get("lora_rank")
+    from_full = role_is_full(nets.roles, "student")
+    if from_full and not lora_rank:  # a whole student network: a whole pipeline
         return _export_full(nets, teacher, recipe, out_dir)
+    if lora_rank and not from_full:
+        raise ValueError(f"--lora-rank / output.lora_rank {lora_rank} turns a full student into "
+                         "a LoRA, but this run's student is already a LoRA (student.mode: lora); "
+                         "export it without --lora-rank")
     if teacher.pipe is None:
         raise ValueError("a custom teacher has no diffusers pipeline to export a LoRA for; "
                          "save the student network's state_dict instead")
@@ -101,6 +112,7 @@ def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = No
     sampler = objective.sampler()
     wanted = role or recipe["output"]["export_role"]
     use_ema = wanted == "ema"
+    reports = {}
     if wanted not in ("ema", "student") and wanted not in nets.roles.trainable:
         raise ValueError(f"export role {wanted!r} does not exist in this run; roles: "
                          f"{['ema', *nets.roles.trainable]}")
@@ -114,8 +126,14 @@ def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = No
 
     def write(adapter, folder):
         os.makedirs(folder, exist_ok=True)
-        peft_state = {k: v.detach().cpu().contiguous()
-                      for k, v in nets.roles.state_dict(adapter).items()}
+        if from_full:
+            from .lowrank import lora_from_full
+
+            state, reports[adapter] = lora_from_full(nets.roles.networks[adapter],
+                                                     teacher.backbone, lora_rank)
+        else:
+            state = nets.roles.state_dict(adapter)
+        peft_state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         # peft key names (lora_A / lora_B), which current diffusers loads as they are. The
         # older "lora.down / lora.up" names (convert_state_dict_to_diffusers) lose the
         # attention projections on load with diffusers 0.42 (tested in test_export.py).
@@ -142,7 +160,6 @@ def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = No
         else:
             write(source(sampler.roles[0]), tmp)
         rendered = sampler.render(teacher)
-        lora = nets.roles.lora_config
         default = steps_entry(sampler.num_steps)
         adapters = list(dict.fromkeys(named[r] for r in sampler.roles)) if named else []
         config = {
@@ -161,14 +178,26 @@ def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = No
             "adapters": adapters,
             "adapter_per_step": default["adapters"] or [],
             "experts": len(adapters),
-            "lora": {"rank": lora.r, "alpha": lora.lora_alpha,
-                     "target_modules": sorted(lora.target_modules)},
+            "lora": _lora_layout(nets, lora_rank, reports),
             "teacher_guidance": nets.guidance,
         }
         config["usage"] = usage_snippet(config)
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=1, default=str)
     return out_dir
+
+
+def _lora_layout(nets, lora_rank, reports) -> dict:
+    """What the export records of its LoRA's shape; for a LoRA taken from a full student, the
+    rank per layer is min(rank, the layer's), alpha = rank (scale 1), every changed linear and
+    convolution is a target, and ``from_full`` says how much of the change the rank kept."""
+    if not reports:
+        lora = nets.roles.lora_config
+        return {"rank": lora.r, "alpha": lora.lora_alpha,
+                "target_modules": sorted(lora.target_modules)}
+    report = next(iter(reports.values()))
+    return {"rank": lora_rank, "alpha": lora_rank, "target_modules": "every changed layer",
+            "from_full": report}
 
 
 def usage_snippet(config: dict) -> list[str]:
@@ -229,6 +258,9 @@ def add_parser(sub):
     p.add_argument("run", help="a run folder (with recipe.yaml and checkpoints/)")
     p.add_argument("--out", required=True, help="the export folder to write")
     p.add_argument("--role", default=None, help="ema (default when present) or student")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="a full student's export as a rank-R LoRA (truncated SVD of each "
+                        "layer's change) instead of a whole pipeline")
     p.set_defaults(func=_cli)
 
 
@@ -244,4 +276,4 @@ def _cli(args):
     check_output_dir(args.out, EXPORT_MARKERS, "--out export folder")  # before loading
     run = restore_run(args.run)
     print(export_nets(run.nets, run.teacher, run.recipe, args.out, role=args.role,
-                      objective=run.objective))
+                      objective=run.objective, lora_rank=args.lora_rank))

@@ -134,6 +134,8 @@ DEFAULTS: dict = {
         "dir": None,               # default runs/<name>
         "export": True,            # write the diffusers LoRA at the end
         "export_role": "ema",      # ema or student
+        "lora_rank": None,         # a full student exported as a rank-R LoRA (truncated SVD
+                                   # per layer) instead of a whole pipeline; None: the pipeline
     },
 }
 
@@ -315,6 +317,7 @@ _RULES = [
     ("data.source", lambda v: v in ("world", "folder", "prompts"), "world, folder or prompts"),
     ("data.resolution", lambda v: v >= 8, "an integer >= 8 (pixels)"),
     ("data.on_error", lambda v: v in ("skip", "raise"), "skip or raise"),
+    ("output.lora_rank", lambda v: v >= 1, "an integer >= 1, or null (a whole pipeline)"),
     ("output.export_role", lambda v: bool(v.strip()),
      "a role name: ema (default), student, or a role the method trains"),
     ("name", lambda v: bool(v.strip()) and "/" not in v and "\\" not in v,
@@ -363,6 +366,11 @@ def validate(recipe: dict):
         raise
     except ValueError as e:  # an unknown method name, or a dotted one that does not import
         raise RecipeError(f"recipe key 'method.name': {e}") from None
+    if recipe["output"]["lora_rank"] is not None and recipe["student"]["mode"] != "full":
+        raise RecipeError(f"recipe key 'output.lora_rank' is {recipe['output']['lora_rank']!r}, "
+                          "but it turns a full student into a LoRA and student.mode is "
+                          f"{recipe['student']['mode']!r}; remove output.lora_rank, or set "
+                          "student.mode=full")
     if recipe["data"]["source"] == "folder" and not recipe["data"]["path"]:
         raise RecipeError("recipe key 'data.path' is empty but data.source is 'folder'; set "
                           "data.path=/path/to/images")

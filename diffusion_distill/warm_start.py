@@ -75,6 +75,11 @@ def _lora_state(folder, nets, teacher, recipe, fingerprint, full) -> dict:
         raise ValueError(f"student.init {folder!r} holds {len(config['adapters'])} adapters (one "
                          "per phase); a run's student is one network. Start from a one-LoRA "
                          "export")
+    if config.get("lora", {}).get("from_full"):
+        raise ValueError(f"student.init {folder!r} is a LoRA taken from a full student (a rank "
+                         "per layer, on every changed layer): no recipe's LoRA student has that "
+                         "layout. Start a full student (student.mode=full) from the full run's "
+                         "whole-pipeline export instead")
     if full:
         raise ValueError(f"student.init {folder!r} is a LoRA export, but student.mode is full; "
                          "start a full student from a whole-pipeline export, or set "
