@@ -62,6 +62,10 @@ HYPOTHESES = {
          "the 2-step TCD LoRA export of the same teacher, --tcd-export)"),
         ["student.init={tcd_export}"]),
 }
+# name -> (the trained run, LoRA rank): that run's full student exported as a rank-R LoRA
+# (`ddistill export RUN --lora-rank R`: truncated SVD per layer) and scored through plain
+# diffusers on the same protocol: how much of the full student's quality a LoRA keeps
+FROM_FULL = {"full_lora_16": ("full", 16), "full_lora_64": ("full", 64)}
 TEACHER_STEPS, TEACHER_GUIDANCE = 50, 5.0
 
 
@@ -74,7 +78,8 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default="sd3", choices=["sd", "sd3"])
-    p.add_argument("--only", nargs="+", choices=list(HYPOTHESES), default=list(HYPOTHESES))
+    p.add_argument("--only", nargs="+", choices=[*HYPOTHESES, *FROM_FULL],
+                   default=[*HYPOTHESES, *FROM_FULL])
     p.add_argument("--tcd-export", default=os.path.join(ROOT, "runs", "tcd_{teacher}", "export"),
                    help="the TCD LoRA export warm_tcd starts from ({teacher}: sd or sd3); "
                         "made by `ddistill train recipes/tcd_{teacher}.yaml train.steps=300 "
@@ -103,6 +108,11 @@ def main(argv=None):
         "runs": {}}
     result["runs"] = _earlier_runs(out, a)  # runs of other hypotheses from an earlier call stay
     for name in a.only:
+        if name in FROM_FULL:
+            result["runs"][name] = _from_full(a, name, protocol, teacher_row)
+            result["runs"] = {**_earlier_runs(out, a), name: result["runs"][name]}
+            write_json(out, result)
+            continue
         hypothesis, overrides = HYPOTHESES[name]
         run_dir = os.path.join(a.runs, a.teacher, name)
         tcd_export = os.path.abspath(a.tcd_export.format(teacher=a.teacher))
@@ -132,6 +142,48 @@ def main(argv=None):
     _plot(result, out[:-len(".json")] + ".png")
     print(f"[hypotheses] -> {out}")
     return 0
+
+
+def _from_full(a, name, protocol, teacher_row) -> dict:
+    """A finished full run's student as a rank-R LoRA export, scored like the runs' last
+    points (same prompts, seeds, samples and feature space; FD to the same teacher samples)."""
+    from diffusion_distill.build import restore_run
+    from diffusion_distill.checkpoint import list_checkpoints
+    from diffusion_distill.eval.evaluate import fd_to
+    from diffusion_distill.eval.protocol import evaluate_loaded, load_model
+    from diffusion_distill.export import export_nets
+    from diffusion_distill.train import teacher_features
+
+    source, rank = FROM_FULL[name]
+    run_dir = os.path.join(a.runs, a.teacher, source)
+    found = list_checkpoints(run_dir)
+    if not found or found[-1][0] != a.steps:
+        raise SystemExit(f"{run_dir} has no checkpoint of step {a.steps} (--steps) yet; run "
+                         f"--only {source} to the end first")
+    run = restore_run(run_dir)
+    export = export_nets(run.nets, run.teacher, run.recipe,
+                         os.path.join(a.runs, a.teacher, name, "export"), lora_rank=rank,
+                         objective=run.objective)
+    with open(os.path.join(export, "distill_config.json")) as f:
+        report = json.load(f)["lora"]["from_full"]
+    row, _ = evaluate_loaded(load_model(export), protocol, progress=False, return_features=True)
+    fd_teacher = fd_to(teacher_features(run.teacher, run.recipe, protocol), row.pop("features"))
+    with open(os.path.join(run_dir, "eval.jsonl")) as f:
+        seconds = [json.loads(line) for line in f][-1].get("train_seconds")
+    last = {"step": a.steps, "train_seconds": seconds, "fd": row["fd"],
+            "fd_ratio": row["fd"] / teacher_row["fd"], "fd_teacher": fd_teacher,
+            "alignment": row["alignment"]["whole_prompt"], "recall": row["recall"],
+            "worst_share": row["alignment"].get("worst_share")}
+    print(f"[hypotheses] {name}: FD {last['fd']:.1f} ({last['fd_ratio']:.2f}x), FD-T "
+          f"{fd_teacher:.1f}, alignment {last['alignment']:.3f}, recall {last['recall']:.2f}, "
+          f"energy kept {report['energy_kept']:.3f}", flush=True)
+    return {"hypothesis": f"the {source} run's student as a rank-{rank} LoRA (truncated SVD per "
+                          "layer, scored through plain diffusers)",
+            "overrides": [f"ddistill export {source} --lora-rank {rank}"],
+            "lora": {k: v for k, v in report.items() if k != "not_represented"},
+            "not_represented": len(report["not_represented"]),
+            "final": last, "final_attributes": _attributes(row), "curve": [
+                {**last, "attributes": _attributes(row)}]}
 
 
 def _earlier_runs(out, a) -> dict:
