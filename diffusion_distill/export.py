@@ -131,6 +131,8 @@ def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = No
 
             state, reports[adapter] = lora_from_full(nets.roles.networks[adapter],
                                                      teacher.backbone, lora_rank)
+            reports[adapter]["target_modules"] = sorted({k.rsplit(".lora_", 1)[0]
+                                                         for k in state})
         else:
             state = nets.roles.state_dict(adapter)
         peft_state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -195,8 +197,8 @@ def _lora_layout(nets, lora_rank, reports) -> dict:
         lora = nets.roles.lora_config
         return {"rank": lora.r, "alpha": lora.lora_alpha,
                 "target_modules": sorted(lora.target_modules)}
-    report = next(iter(reports.values()))
-    return {"rank": lora_rank, "alpha": lora_rank, "target_modules": "every changed layer",
+    report = dict(next(iter(reports.values())))
+    return {"rank": lora_rank, "alpha": lora_rank, "target_modules": report.pop("target_modules"),
             "from_full": report}
 
 

@@ -7,10 +7,11 @@ import torch
 from conftest import tiny_recipe
 from torch import nn
 
-from diffusion_distill.export import export_nets, load_student
+from diffusion_distill.build import setup_run
+from diffusion_distill.export import export_nets
 from diffusion_distill.recipe import RecipeError, load_recipe
 from diffusion_distill.student import generate
-from diffusion_distill.train import setup_run
+from diffusion_distill.student_pipeline import load_student
 
 PROMPTS = ["a red circle", "two green triangles"]
 

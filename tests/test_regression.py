@@ -6,9 +6,10 @@ import torch
 from conftest import tiny_recipe
 
 from diffusion_distill import teacher_pairs
+from diffusion_distill.build import setup_run
 from diffusion_distill.export import base_fingerprint
 from diffusion_distill.recipe import load_recipe
-from diffusion_distill.train import setup_run, train
+from diffusion_distill.train import train
 from diffusion_distill.world.toy2d import MLPDenoiser, toy_teacher
 
 

@@ -62,7 +62,7 @@ def test_lora_student_beside_full_critic_trains_resumes_and_exports_a_lora(tiny_
                                                                           tmp_path):
     """Catches: a checkpoint that loses the full critic (resume would fail or restart it),
     an export that writes the whole pipeline because some role is full."""
-    from diffusion_distill.export import load_student
+    from diffusion_distill.student_pipeline import load_student
 
     recipe = tiny_recipe(tiny_sd_path, tmp_path / "run", steps=4, stop_after=2)
     recipe["critic"] = {"mode": "full"}

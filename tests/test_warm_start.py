@@ -5,9 +5,10 @@ import pytest
 import torch
 from conftest import tiny_recipe
 
+from diffusion_distill.build import setup_run
 from diffusion_distill.export import base_fingerprint
 from diffusion_distill.recipe import load_recipe
-from diffusion_distill.train import setup_run, train
+from diffusion_distill.train import train
 from diffusion_distill.warm_start import init_student
 
 
