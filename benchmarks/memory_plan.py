@@ -453,6 +453,7 @@ def main(argv=None):
                         "smaller one fits (the table's question is the smallest that fits)")
     p.add_argument("--validate", action="store_true",
                    help="only plan memory.py's measured SD1.5 float32 step and compare")
+    p.add_argument("--table", action="store_true", help="print the README table from the JSON")
     p.add_argument("--rerun", action="store_true", help="plan cells already in the JSON again")
     p.add_argument("--json", default=os.path.join(HERE, "results", "memory_plan.json"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -461,6 +462,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.table:
+        with open(args.json) as f:
+            print(table(json.load(f)))
+        return None
     if args.checkpointing is not None:
         args.checkpointing = [c == "on" for c in args.checkpointing]
     out = {}
