@@ -458,6 +458,7 @@ def untrusted_cases(base, tmp) -> list[dict]:
         ("method={name: sid, kappa1: -1}", "method.kappa1"),
         ("method={name: sid, kappa2: 1.0, kappa3: 2.0}", "method.kappa3"),
         ("method.guidance=-3", "method.guidance"),
+        ("method.t_min=low", "method.t_min"),
         ("method.critic_steps=0", "method.critic_steps"),
         ("method.critic_steps=2.5", "method.critic_steps"),
         ("method.crtic_steps=2", "method.crtic_steps"),
@@ -549,6 +550,8 @@ def untrusted_cases(base, tmp) -> list[dict]:
         bench(lambda c: [c["export"]], _json_edit(lambda cfg: cfg.pop("call"))))
     add("bench export steps it does not serve", "export", "steps 3",
         bench(lambda c: [{"path": c["export"], "steps": [1, 3]}], _export_copy))
+    add("bench exports not a list", "export", "exports",
+        bench(lambda c: c["export"], _export_copy))
     add("bench export path missing", "export", "nowhere",
         bench(lambda c: [os.path.join(c["dir"], "nowhere")]))
 
@@ -570,6 +573,9 @@ def untrusted_cases(base, tmp) -> list[dict]:
     add("teacher weights pickled .bin", "teacher folder", ".bin", teacher_train(_pickled))
     add("teacher component folder missing", "teacher folder", "vae",
         teacher_train(lambda c: shutil.rmtree(os.path.join(_teacher_copy(c), "vae"))))
+    add("teacher unet config.json damaged", "teacher folder", "could not be loaded",
+        teacher_train(_write(lambda c: os.path.join(_teacher_copy(c), "unet", "config.json"),
+                             '{"_class_name": "UNet2DConditionModel", "sample_size": ')))
     add("teacher.path: null", "teacher folder", "teacher.path", train("teacher.path=null"))
     add("eval a teacher with truncated weights", "teacher folder",
         "diffusion_pytorch_model.safetensors",
@@ -601,6 +607,10 @@ def untrusted_cases(base, tmp) -> list[dict]:
          "prepare": _read_only, "cleanup": _umount})
     add("eval --out on a full disk", "path", "No space left on device",
         {"argv": lambda c: ["eval", base["teacher"], "--num", "8", "--out", c["out"]],
+         "prepare": _full_disk, "cleanup": _umount, "protect": lambda c: [c["out"]]})
+    add("export --out on a full disk", "path", "No space left on device",
+        {"argv": lambda c: ["export", base["run"], "--out", os.path.join(
+            os.path.dirname(c["out"]), "export")],
          "prepare": _full_disk, "cleanup": _umount, "protect": lambda c: [c["out"]]})
     add("eval --out onto a symbolic link keeps the link", "path", "",
         {"argv": lambda c: ["eval", base["teacher"], "--num", "8", "--out",

@@ -49,12 +49,13 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, err
 
 def _write_failure(e: BaseException) -> str | None:
     """The OS error of a failed write, in words, or None when ``e`` is not one. safetensors
-    reports its own IO errors as ``IoError(Os { code: 28, ... })`` inside its error type."""
+    reports its own IO errors inside its error type, as ``IoError(Os { code: 28, ... })`` or
+    ``I/O error: ... (os error 28)`` depending on its version."""
     if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
         return f"[Errno {e.errno}] {e.strerror}"
-    m = re.search(r"IoError\(Os \{ code: (\d+)", str(e))
+    m = re.search(r"IoError\(Os \{ code: (\d+)|\(os error (\d+)\)", str(e))
     if m:
-        code = int(m.group(1))
+        code = int(m.group(1) or m.group(2))
         return f"[Errno {code}] {os.strerror(code)}"
     return None
 
