@@ -108,13 +108,6 @@ def _release_accelerator_state(mixed_precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
-def _teacher_fingerprint(teacher) -> str | None:
-    from .export import base_fingerprint
-
-    backbone = getattr(teacher, "backbone", None)
-    return base_fingerprint(backbone) if isinstance(backbone, torch.nn.Module) else None
-
-
 def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
                   teacher_changed=False, data=None):
     from tqdm.auto import tqdm
@@ -179,7 +172,7 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
     start = 0
     train_seconds = 0.0  # wall time inside train_step only (no eval, logging or checkpoints)
     found = load_latest_good(run_dir, apply, set_aside=main and world == 1)
-    fingerprint = _teacher_fingerprint(teacher)
+    fingerprint = files.teacher_fingerprint  # recorded in each checkpoint's state
     if found:
         ckpt, _, _, state = found
         start = state["step"]
