@@ -150,9 +150,9 @@ def _from_full(a, name, protocol, teacher_row) -> dict:
     from diffusion_distill.build import restore_run
     from diffusion_distill.checkpoint import list_checkpoints
     from diffusion_distill.eval.evaluate import fd_to
+    from diffusion_distill.eval.in_training import InTrainingEval
     from diffusion_distill.eval.protocol import evaluate_loaded, load_model
     from diffusion_distill.export import export_nets
-    from diffusion_distill.train import teacher_features
 
     source, rank = FROM_FULL[name]
     run_dir = os.path.join(a.runs, a.teacher, source)
@@ -167,7 +167,8 @@ def _from_full(a, name, protocol, teacher_row) -> dict:
     with open(os.path.join(export, "distill_config.json")) as f:
         report = json.load(f)["lora"]["from_full"]
     row, _ = evaluate_loaded(load_model(export), protocol, progress=False, return_features=True)
-    fd_teacher = fd_to(teacher_features(run.teacher, run.recipe, protocol), row.pop("features"))
+    fd_teacher = fd_to(InTrainingEval(run.teacher, run.recipe, protocol).teacher_features(),
+                       row.pop("features"))
     with open(os.path.join(run_dir, "eval.jsonl")) as f:
         seconds = [json.loads(line) for line in f][-1].get("train_seconds")
     last = {"step": a.steps, "train_seconds": seconds, "fd": row["fd"],

@@ -11,7 +11,7 @@ import torch
 
 from .objectives import Objective, build_objective
 from .recipe import load_recipe
-from .samplers import snap_to_train_steps
+from .samplers import on_teacher_grid
 from .schedules import student_timesteps
 from .student import MixedRoles, Nets, SeparateRoles, SharedBaseRoles
 
@@ -121,17 +121,12 @@ def role_modes(recipe, objective: Objective) -> dict[str, str]:
 
 
 def student_times(recipe, teacher) -> list[float]:
-    """The student's sampling times, highest first.
-
-    On VP schedules they are snapped to the scheduler's integer steps (999, 749, ...), so the
-    exported LCMScheduler visits exactly the times the student was trained at.
-    """
+    """The recipe's student times (``student.timesteps``, else ``student.num_steps`` evenly
+    spaced), highest first, on the teacher's grid (``samplers.on_teacher_grid``). An objective
+    whose sampler has times of its own refuses explicit ones when the recipe loads."""
     s = recipe["student"]
-    times = [float(t) for t in s["timesteps"]] if s["timesteps"] else \
-        student_timesteps(s["num_steps"], teacher.schedule)
-    if teacher.schedule.kind == "vp" and teacher.pipe is not None:  # custom: continuous t
-        times = snap_to_train_steps(teacher.schedule, times)
-    return times
+    times = s["timesteps"] or student_timesteps(s["num_steps"], teacher.schedule)
+    return on_teacher_grid(times, teacher)
 
 
 def setup_run(recipe: dict, device="cpu", teacher=None, networks=None):

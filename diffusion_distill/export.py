@@ -74,13 +74,14 @@ def teacher_reference(recipe: dict, teacher) -> dict:
             "base_fingerprint": base_fingerprint(teacher.backbone)}
 
 
-def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = None,
-                objective=None, lora_rank: int | None = None) -> str:
+def export_nets(nets, teacher, recipe: dict, out_dir: str, *, objective,
+                role: str | None = None, lora_rank: int | None = None) -> str:
     """Write the export folder (atomically: a temp folder renamed into place).
 
-    The objective's sampler decides everything method-specific: which adapters serve which
-    steps (one LoRA at the top level, or one sub-folder per adapter), the scheduler and the
-    pipeline call arguments, for every step count the student can serve.
+    ``objective``: the one the run built (and trained with). Its sampler decides everything
+    method-specific: the student's times, which adapters serve which steps (one LoRA at the
+    top level, or one sub-folder per adapter), the scheduler and the pipeline call arguments,
+    for every step count the student can serve.
 
     ``lora_rank`` (default: the recipe's ``output.lora_rank``): a full student is written as
     a rank-``lora_rank`` LoRA (truncated SVD of each layer's change, :mod:`.lowrank`) in the
@@ -88,9 +89,7 @@ def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = No
     """
     from safetensors.torch import save_file
 
-    from .build import student_times
     from .checkpoint import atomic_dir
-    from .objectives import build_objective
     from .student import role_is_full, serving_role
 
     if lora_rank is None:
@@ -105,10 +104,6 @@ def export_nets(nets, teacher, recipe: dict, out_dir: str, role: str | None = No
     if teacher.pipe is None:
         raise ValueError("a custom teacher has no diffusers pipeline to export a LoRA for; "
                          "save the student network's state_dict instead")
-    if objective is None:
-        objective = build_objective(recipe["method"],
-                                    student_times=student_times(recipe, teacher),
-                                    total_steps=recipe["train"]["steps"])
     sampler = objective.sampler()
     wanted = role or recipe["output"]["export_role"]
     use_ema = wanted == "ema"

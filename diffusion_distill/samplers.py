@@ -132,9 +132,14 @@ def vp_timesteps(schedule, times: list[float]) -> list[int]:
     return [round(float(schedule.model_time(torch.tensor(t)))) for t in times]
 
 
-def snap_to_train_steps(schedule, times: list[float]) -> list[float]:
-    """VP times rounded to the scheduler's integer steps, so that the exported scheduler
-    visits exactly the times the student was trained at."""
+def on_teacher_grid(times: list[float], teacher) -> list[float]:
+    """The times a student of ``teacher`` is trained and sampled at: on a VP diffusers
+    pipeline rounded to the scheduler's integer steps, so that the exported scheduler visits
+    exactly the times the student was trained at; a flow or custom teacher takes continuous
+    times as they are. The one place where student times are snapped."""
+    schedule = teacher.schedule
+    if schedule.kind != "vp" or teacher.pipe is None:
+        return [float(t) for t in times]
     n = schedule.num_train_timesteps - 1
     return [round(t * n) / n for t in times]
 

@@ -414,7 +414,7 @@ def generate(nets: Nets, prompts: list[str], sampler, generator=None, role: str 
     """
     from diffusers.utils.torch_utils import randn_tensor
 
-    from .samplers import StudentSampler, seeded_global_rng, snap_to_train_steps
+    from .samplers import StudentSampler, on_teacher_grid, seeded_global_rng
 
     if not isinstance(sampler, StudentSampler):
         sampler = StudentSampler(list(sampler))
@@ -423,10 +423,7 @@ def generate(nets: Nets, prompts: list[str], sampler, generator=None, role: str 
     shape = (len(prompts),) + tuple(teacher.latent_shape)
     cond = teacher.prompts(prompts)
     schedule = nets.schedule
-    times = sampler.times
-    if schedule.kind == "vp" and teacher.pipe is not None:
-        # the exported scheduler visits integer DDPM steps; evaluate exactly there
-        times = snap_to_train_steps(schedule, times)
+    times = on_teacher_grid(sampler.times, teacher)  # exactly where the export evaluates
     x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
     # SD3/Flux pipelines do not hand the generator to the scheduler, so a stochastic flow
     # step draws from torch's global RNG there; load_student seeds that RNG from the

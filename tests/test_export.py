@@ -114,3 +114,37 @@ def test_an_export_copied_elsewhere_loads_in_a_fresh_process(tmp_path):
     subprocess.run([sys.executable, "-c", script, str(moved), str(tmp_path / "there.pt")],
                    check=True, cwd=tmp_path / "cwd", env=env, timeout=120)
     torch.testing.assert_close(torch.load(tmp_path / "there.pt"), here)
+
+
+def test_explicit_student_times_reach_the_export_or_are_refused(tiny_sd_path, tmp_path):
+    """student.timesteps is never dropped: every method either trains and exports the student
+    on exactly those times (snapped to the VP scheduler's integer steps), or refuses them when
+    the recipe loads, naming the key and why. Catches a method that takes only the count of
+    the given times (the consistency methods did: their grid's times reached the export)."""
+    from diffusion_distill.build import setup_run
+    from diffusion_distill.export import export_nets
+    from diffusion_distill.objectives import short_names
+    from diffusion_distill.recipe import RecipeError
+
+    given = [1.0, 0.6]
+    snapped = [1.0, round(0.6 * 999) / 999]  # the integer DDPM step the scheduler visits
+    refused = set()
+    for name in sorted(short_names()):
+        recipe = tiny_recipe(tiny_sd_path, tmp_path / name, method={"name": name}, steps=10)
+        recipe["student"]["timesteps"] = given
+        try:
+            recipe = load_recipe(recipe)
+        except RecipeError as e:
+            assert "student.timesteps" in str(e) and "cannot be honoured" in str(e), str(e)
+            refused.add(name)
+            continue
+        teacher, objective, nets = setup_run(recipe)
+        assert objective.sampler().times == snapped, name
+        out = export_nets(nets, teacher, recipe, str(tmp_path / name / "export"),
+                          objective=objective)
+        with open(os.path.join(out, "distill_config.json")) as f:
+            config = json.load(f)
+        assert config["student_times"] == snapped, name
+        assert config["sampler"]["times"] == snapped, name
+    # the consistency methods sample on their solver's grid: only the count is theirs to take
+    assert refused == {"lcm", "tcd", "pcm"}

@@ -253,6 +253,15 @@ class _ConsistencyDistillation(Objective):
 
     @classmethod
     def plan(cls, o, recipe):
+        given = recipe["student"].get("timesteps")
+        if given:
+            # refused, never dropped: the student is trained at every grid time and sampled
+            # by the stock scheduler's default schedule, which only the count chooses
+            yield ("student.timesteps", given,
+                   (f"null for method {cls.name!r}: a consistency student samples on its "
+                    "solver's grid (the stock diffusers scheduler's default schedule for the "
+                    "step count), so explicit times cannot be honoured; set student.num_steps "
+                    f"to {len(given)} instead"))
         if o["solver_steps"] > o["num_train_timesteps"]:
             yield ("solver_steps", o["solver_steps"],
                    f"at most method.num_train_timesteps ({o['num_train_timesteps']})")
@@ -273,7 +282,7 @@ class _ConsistencyDistillation(Objective):
                  target: str = "student", loss: str = "l2", huber_c: float = 0.001,
                  sample_steps: list[int] | None = None, num_train_timesteps: int = 1000,
                  student_times: list[float] | None = None, total_steps: int | None = None,
-                 *, target_decay: float = 0.95):
+                 *, target_decay: float = 0.95, trained_steps: int | None = None):
         if target not in ("momentum", "student", "ema"):
             raise ValueError(f"target must be 'momentum' (the papers' target network, an EMA "
                              f"of the student with decay target_decay), 'student' (LCM-LoRA's "
@@ -290,7 +299,8 @@ class _ConsistencyDistillation(Objective):
         self.grid = SolverGrid(solver_steps, num_train_timesteps)
         self.w_min, self.w_max = float(w_min), float(w_max)
         self.target, self.loss, self.huber_c = target, loss, float(huber_c)
-        self.trained_steps = len(student_times) if student_times else 1
+        # the count alone: the times are the grid's (explicit times are refused in plan)
+        self.trained_steps = trained_steps or (len(student_times) if student_times else 1)
         steps = sorted(set(sample_steps or DEFAULT_STEPS) | {self.trained_steps})
         self._servable = [n for n in steps if n <= self.grid.steps]
         self.student_times = self.grid.inference(self.trained_steps)
@@ -501,7 +511,8 @@ class PCM(_ConsistencyDistillation):
             raise ValueError(f"phases must be >= 1, got {phases}")
         super().__init__(solver_steps, w_min, w_max, target, loss, huber_c,
                          list(range(k, max(8, k) + 1, k)), num_train_timesteps,
-                         [1.0] * k, total_steps, target_decay=target_decay)
+                         student_times, total_steps, target_decay=target_decay,
+                         trained_steps=k)
         self.phases = k
         self._servable = [n for n in self._servable if n % k == 0]
         upper = self.grid.inference_timesteps(k)

@@ -139,6 +139,12 @@ class SiD(Objective):
     @classmethod
     def plan(cls, o, recipe):
         yield from time_range_problems(o)
+        given = recipe["student"].get("timesteps")
+        if given and o["t_init"] is not None:
+            # t_init spaces the student's times below it: two answers to one question
+            yield ("student.timesteps", given,
+                   (f"null when method.t_init is set ({o['t_init']}): t_init places the "
+                    f"{len(given)} times evenly below it; drop one of the two"))
         if o["kappa2"] is not None and o["kappa3"] is not None and o["kappa2"] != o["kappa3"]:
             yield ("kappa3", o["kappa3"], (f"equal to method.kappa2 ({o['kappa2']}): the "
                    "critic's guided x0 in the generator loss is computed once"))
@@ -190,12 +196,10 @@ class SiD(Objective):
 
     # -- pieces -------------------------------------------------------------------------
     def setup(self, nets):
-        teacher = nets.teacher_model
-        if self.t_init is not None and nets.schedule.kind == "vp" and teacher.pipe is not None:
-            from ..samplers import snap_to_train_steps
+        if self.t_init is not None:  # times of its own: on the teacher's grid, as the recipe's
+            from ..samplers import on_teacher_grid
 
-            # the exported scheduler visits integer DDPM steps; train exactly there
-            self.student_times = snap_to_train_steps(nets.schedule, self.student_times)
+            self.student_times = on_teacher_grid(self.student_times, nets.teacher_model)
 
     def scales(self, nets) -> dict[str, float]:
         """The four guidance scales of this run (the preset, then explicit overrides)."""
