@@ -15,6 +15,9 @@ Three measurements, each in its own fresh subprocess so that peaks do not mix:
 * ``dmd2_lora_bf16``: ``dmd2_lora`` on a bfloat16 base (``train.base_dtype: bfloat16``): the
   UNet is built in bf16, the LoRA roles and their AdamW state stay float32, and the
   ``Denoiser`` casts the inputs to the base's dtype (no autocast: a CPU measurement).
+* ``dmd2_lora_full_critic``: the same step with a LoRA student (and its EMA adapter) on the
+  frozen base beside a whole critic network (``critic.mode: full``, ``MixedRoles``): two
+  networks, AdamW on the critic's every weight.
 * ``dmd2_full``: the same step with three separate full networks (``SeparateRoles``: frozen
   teacher, full student and critic copies, AdamW on both). On a machine that cannot hold it,
   the worker stops before it would pass the memory budget (it never asks for more) and the
@@ -52,7 +55,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 GB = 1e9
-MEASUREMENTS = ("plain_lora", "dmd2_lora", "dmd2_full", "dmd2_lora_ckpt", "dmd2_lora_bf16")
+MEASUREMENTS = ("plain_lora", "dmd2_lora", "dmd2_full", "dmd2_lora_ckpt", "dmd2_lora_bf16",
+                "dmd2_lora_full_critic")
 
 SD15_UNET = {
     "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
@@ -263,14 +267,20 @@ def timed_steps(step, args, mon):
 # -- (b) / (c) DMD2 -----------------------------------------------------------------------
 
 def run_dmd2(args, mon: Monitor, full: bool, checkpointing: bool = False,
-             bf16_base: bool = False) -> dict:
+             bf16_base: bool = False, critic_full: bool = False) -> dict:
     import torch
 
     from diffusion_distill.denoiser import Cond, Denoiser
     from diffusion_distill.objectives.dmd import DMD2
     from diffusion_distill.schedules import VPSchedule
     from diffusion_distill.step import build_optimizers, train_step
-    from diffusion_distill.student import Nets, SeparateRoles, SharedBaseRoles
+    from diffusion_distill.student import (
+        MixedRoles,
+        Nets,
+        SeparateRoles,
+        SharedBaseRoles,
+        role_is_full,
+    )
     from diffusion_distill.teachers.base import Teacher
     from diffusion_distill.teachers.sd import call_unet
 
@@ -287,6 +297,8 @@ def run_dmd2(args, mon: Monitor, full: bool, checkpointing: bool = False,
         # Three full networks: the frozen teacher plus full student and critic copies. (An EMA
         # of the full student would be a fourth copy; DMD2's code keeps one. Left out here.)
         roles = SeparateRoles(unet, roles=objective.roles, ema=False)
+    elif critic_full:
+        roles = MixedRoles(unet, {"student": "lora", "critic": "full"}, rank=RANK, ema=True)
     else:
         roles = SharedBaseRoles(unet, roles=objective.roles, rank=RANK, ema=True)
     if checkpointing:
@@ -320,11 +332,11 @@ def run_dmd2(args, mon: Monitor, full: bool, checkpointing: bool = False,
             mon.mark(f"{role} forward" + (" (+ teacher CFG and critic passes)"
                                           if role == "student" else ""))
             # a full network's backward allocates a gradient the size of its weights
-            if full and nets.params(role)[0].grad is None:
+            if role_is_full(roles, role) and nets.params(role)[0].grad is None:
                 guard(f"{role} backward", param_bytes(role))
         elif event == "backward":
             mon.mark(f"{role} backward")
-        elif event == "before_step" and full and not optimizers[role].state:
+        elif event == "before_step" and role_is_full(roles, role) and not optimizers[role].state:
             guard(f"{role} AdamW step (first: allocates exp_avg, exp_avg_sq)",
                   2 * param_bytes(role))
         elif event == "step":
@@ -339,8 +351,9 @@ def run_dmd2(args, mon: Monitor, full: bool, checkpointing: bool = False,
         return {k[len("loss/"):]: v for k, v in logs.items() if k.startswith("loss/")}
 
     result = {"base_params": base_params, "trainable_params": trainable,
-              "networks": 3 if full else 1,
-              "adapters": 0 if full else len(roles.trainable) + (1 if roles.ema_of else 0)}
+              "networks": 1 + sum(role_is_full(roles, r) for r in objective.roles),
+              "adapters": sum(not role_is_full(roles, r) for r in objective.roles)
+              + (1 if roles.ema_of and not role_is_full(roles, "ema") else 0)}
     try:
         times, losses = timed_steps(step, args, mon)
         result.update(step_seconds=times, losses=losses)
@@ -382,7 +395,8 @@ def worker(args):
     else:
         result = run_dmd2(args, mon, full=args.worker == "dmd2_full",
                           checkpointing=args.worker == "dmd2_lora_ckpt",
-                          bf16_base=args.worker == "dmd2_lora_bf16")
+                          bf16_base=args.worker == "dmd2_lora_bf16",
+                          critic_full=args.worker == "dmd2_lora_full_critic")
     result.setdefault("completed", True)
     mon.mark("end")
     mon.stop()
@@ -498,7 +512,7 @@ def machine(args) -> dict:
 def parent(args):
     which = args.only or list(MEASUREMENTS)
     results = {name: run_worker(name, args) for name in which}
-    plain, lora, full, ckpt, bf16 = (results.get(k, {}) for k in MEASUREMENTS)
+    plain, lora, full, ckpt, bf16, full_critic = (results.get(k, {}) for k in MEASUREMENTS)
     ratios = {}
 
     def versus(name, variant):
@@ -511,6 +525,15 @@ def parent(args):
 
     versus("dmd2_lora_bf16_base", bf16)
     versus("dmd2_lora_checkpointed", ckpt)
+    versus("dmd2_lora_full_critic", full_critic)
+    if full_critic and not full_critic.get("completed") and lora.get("peak_gb"):
+        # a whole critic adds one copy of the base, its gradient and AdamW's two moments
+        P = full_critic["base_params"] * 4 if "base_params" in full_critic else None
+        if P:
+            full_critic["estimate"] = {
+                "estimated_peak_gb": round(lora["peak_gb"] + 4 * P / GB, 2),
+                "method": "the DMD2 LoRA step's peak + 4 x the base's fp32 bytes (critic "
+                          "copy, its gradient, AdamW exp_avg and exp_avg_sq)"}
     if plain.get("peak_gb") and lora.get("peak_gb"):
         ratios["dmd2_lora_over_plain_lora_peak"] = round(lora["peak_gb"] / plain["peak_gb"], 3)
         ratios["goal_dmd2_lora_over_plain_lora"] = 1.1
