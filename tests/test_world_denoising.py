@@ -15,7 +15,7 @@ from diffusion_distill.teachers.custom import custom_denoiser
 def _nets(denoiser):
     roles = SimpleNamespace(use=lambda role: contextlib.nullcontext())
     return SimpleNamespace(schedule=denoiser.schedule, roles=roles,
-                           _denoisers={"student": denoiser})
+                           denoiser={"student": denoiser}.__getitem__)
 
 
 @pytest.mark.parametrize("schedule,prediction", [("vp", "epsilon"), ("flow", "flow")])
