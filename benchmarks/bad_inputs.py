@@ -552,6 +552,12 @@ def untrusted_cases(base, tmp) -> list[dict]:
         bench(lambda c: [{"path": c["export"], "steps": [1, 3]}], _export_copy))
     add("bench exports not a list", "export", "exports",
         bench(lambda c: c["export"], _export_copy))
+    add("bench teacher missing", "export", "does not exist",
+        {"argv": lambda c: ["bench", os.path.join(c["dir"], "s.yaml"), "--out",
+                            os.path.join(c["dir"], "bench")],
+         "prepare": _write(lambda c: os.path.join(c["dir"], "s.yaml"),
+                           "teacher: /nowhere\nnum_samples: 8\nlatency: false\n"),
+         "check_absent": lambda c: os.path.join(c["dir"], "bench")})
     add("bench export path missing", "export", "nowhere",
         bench(lambda c: [os.path.join(c["dir"], "nowhere")]))
 
@@ -577,6 +583,8 @@ def untrusted_cases(base, tmp) -> list[dict]:
         teacher_train(_write(lambda c: os.path.join(_teacher_copy(c), "unet", "config.json"),
                              '{"_class_name": "UNet2DConditionModel", "sample_size": ')))
     add("teacher.path: null", "teacher folder", "teacher.path", train("teacher.path=null"))
+    add("data.path folder missing", "resource", "data.path",
+        train("data.source=folder", "data.path=/nowhere"))
     add("eval a teacher with truncated weights", "teacher folder",
         "diffusion_pytorch_model.safetensors",
         {"argv": lambda c: ["eval", c["teacher_copy"], "--num", "8"],

@@ -18,6 +18,26 @@ DATA_FORMS = ("a tensor x0 of shape (N, *shape)", "(x0, prompts)", "{'x0': x0, '
               "a torch Dataset of x0 or (x0, prompt) items")
 
 
+def check_data_path(recipe: dict):
+    """``data.path`` exists as the kind its source reads, checked before any model is built
+    (a missing folder was found only after the teacher had loaded)."""
+    import os
+
+    data = recipe["data"]
+    path = data.get("path")
+    if not path:
+        return
+    if data["source"] == "folder" and not os.path.isdir(path):
+        raise ValueError(f"recipe key 'data.path' is {path!r}, but must be an existing folder "
+                         "of images (data.source: folder), with same-named .txt captions or a "
+                         "metadata.jsonl; fix it in the recipe file or override it "
+                         "(data.path=...)")
+    if data["source"] == "prompts" and not os.path.isfile(path):
+        raise ValueError(f"recipe key 'data.path' is {path!r}, but must be an existing text "
+                         "file of prompts, one a line (data.source: prompts); fix it in the "
+                         "recipe file or override it (data.path=...)")
+
+
 class UserSamples:
     """The user's own samples: ``x0`` in the teacher's space, with optional prompts (one per
     sample: strings, or integer class labels, passed on as their text)."""

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from .batches import Batches
+from .batches import Batches, check_data_path
 from .build import setup_run
 from .checkpoint import check_writable
 from .recipe import load_recipe
@@ -74,6 +74,8 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
 
     check_batch_fits(recipe, "cpu" if on_cpu else "cuda",
                      int(os.environ.get("WORLD_SIZE", "1")))  # before any model is built
+    if data is None:
+        check_data_path(recipe)
     _release_accelerator_state(cfg["mixed_precision"])
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=cfg["mixed_precision"])
     run_dir = recipe["output"]["dir"]

@@ -478,3 +478,26 @@ def test_a_full_disk_names_the_path_and_keeps_the_last_good_checkpoint(message, 
     assert main(["eval", "embedded:sd"]) == 2
     err = capsys.readouterr().err
     assert "Read-only file system" in err and "x.json" in err and "internal error" not in err
+
+
+def test_a_missing_data_path_is_refused_before_the_teacher_loads(tmp_path):
+    # Catches: the folder found missing only after the teacher had loaded (the teacher path
+    # here does not exist either: reaching it would name the teacher instead).
+    from diffusion_distill.train import train
+
+    for source in ("folder", "prompts"):
+        with pytest.raises(ValueError, match=r"'data.path' is '/nowhere', but must be an "
+                                             r"existing"):
+            train(load_recipe("dmd2_sd", [f"data.source={source}", "data.path=/nowhere",
+                                          "teacher.path=/no_teacher",
+                                          f"output.dir={tmp_path / 'run'}"]), progress=False)
+
+
+def test_bench_refuses_a_missing_teacher_before_any_cell(tmp_path):
+    # Catches: the real-data cell sampled first and the teacher cell failing after it.
+    from diffusion_distill.bench.run import run_bench
+
+    with pytest.raises(FileNotFoundError, match=r"teacher '/nowhere' in the spec does not exist"):
+        run_bench({"teacher": "/nowhere", "num_samples": 8, "latency": False},
+                  str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

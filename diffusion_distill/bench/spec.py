@@ -153,7 +153,13 @@ def check_models(spec: dict, cells: list[dict]):
     from ..export_config import read_export_config, served_steps
 
     if spec.get("teacher"):
+        from ..teachers import is_hub_id
+
         folder = resolve_teacher_path(spec["teacher"])
+        if not os.path.exists(folder) and not is_hub_id(folder):
+            raise FileNotFoundError(f"teacher {spec['teacher']!r} in the spec does not exist; "
+                                    "give a pipeline folder, a hub id (org/name) or "
+                                    "embedded:sd / embedded:sd3")
         if not os.path.isdir(folder) and os.path.exists(folder):
             raise ValueError(f"teacher {spec['teacher']!r} in the spec is a file; give a "
                              "pipeline folder (with model_index.json) or embedded:sd")

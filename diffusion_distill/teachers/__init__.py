@@ -136,6 +136,12 @@ def check_finite_weights(pipe, path: str | None = None):
                     f"{pname!r}; the teacher is broken, not the training: use an intact copy")
 
 
+def is_hub_id(path: str) -> bool:
+    """``org/name``: what a teacher path that is not a local folder must look like."""
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not path.startswith(".")
+
+
 def load_pipeline(path: str, torch_dtype=None):
     from diffusers import DiffusionPipeline
 
@@ -157,8 +163,7 @@ def load_pipeline(path: str, torch_dtype=None):
                 "damaged or not a pipeline diffusers wrote") from None
         check_finite_weights(pipe, path)
         return pipe
-    parts = path.split("/")
-    if len(parts) != 2 or not all(parts) or path.startswith("."):
+    if not is_hub_id(path):
         raise FileNotFoundError(
             f"teacher path {path!r} does not exist. Give a folder written by "
             "Pipeline.save_pretrained, a hub model id such as 'org/name', or 'embedded:sd' / "
