@@ -27,9 +27,10 @@ def _block(marker: str) -> str:
 
 def test_every_python_block_is_covered():
     blocks = python_blocks()
-    assert len(blocks) == 2, "a new README python block needs a test here"
+    assert len(blocks) == 3, "a new README python block needs a test here"
     assert sum("distill_config.json" in b for b in blocks) == 1
     assert sum("custom_teacher" in b for b in blocks) == 1
+    assert sum("data=samples" in b for b in blocks) == 1
 
 
 def _export(tmp_path, teacher, method, num_steps):
@@ -76,3 +77,8 @@ def test_custom_teacher_block_runs(tmp_path, monkeypatch):
     scope = {}
     exec(compile(_block("custom_teacher"), "README.md", "exec"), scope)  # noqa: S102  (the README is ours)
     assert os.path.isdir(scope["run_dir"])
+    # the next block goes on from the first one's teacher and recipe: a data method on the
+    # user's own samples (fails if train() had no data= or the custom teacher refused it)
+    scope["recipe"]["train"]["steps"] = 20
+    exec(compile(_block("data=samples"), "README.md", "exec"), scope)  # noqa: S102  (the README is ours)
+    assert os.path.isfile(os.path.join(scope["run_dir"], "metrics.jsonl"))
