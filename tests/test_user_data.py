@@ -2,7 +2,7 @@
 
 On the exact 2-D toy (8 Gaussians on a ring, closed-form posterior mean, a custom teacher)
 consistency-distillation students trained on the toy's samples through ``train()`` reach the
-data: energy distance within a small multiple of the 50-step teacher's own, every mode
+data: energy distance within 8x the 50-step teacher's own (measured 2.6-5.8x), every mode
 covered. And the refusals say what to pass, before any work.
 """
 import tempfile
@@ -36,18 +36,28 @@ def _score(x, data):
     return energy_distance(x, data), float(shares.min())
 
 
-@pytest.mark.parametrize("method,schedule,num_steps", [
-    ({"name": "lcm", "target": "momentum", **NO_CFG}, "flow", 1),
-    ({"name": "pcm", "phases": 1, "target": "momentum", **NO_CFG}, "vp", 1),
-    ({"name": "pcm", "phases": 4, "target": "momentum", **NO_CFG}, "flow", 4),
-], ids=["lcm-flow-1", "pcm1-vp-huber", "pcm4-flow-huber"])
+# ECT on a network whose error does not shrink with the noise (the toy's x_t + MLP): the data's
+# sigma_data, uniform weighting, the momentum target and a two-stage curriculum
+ECT_TOY = {"name": "ect", "sigma_data": 1.4, "weighting": "uniform", "target": "momentum",
+           "stage_every": 1000}
+
+
+@pytest.mark.parametrize("method,schedule,num_steps,sample", [
+    ({"name": "lcm", "target": "momentum", **NO_CFG}, "flow", 1, (1,)),
+    ({"name": "pcm", "phases": 1, "target": "momentum", **NO_CFG}, "vp", 1, (1,)),
+    ({"name": "pcm", "phases": 4, "target": "momentum", **NO_CFG}, "flow", 4, (4,)),
+    (ECT_TOY, "flow", 1, (1, 2)),
+    (ECT_TOY, "vp", 1, (1,)),
+], ids=["lcm-flow-1", "pcm1-vp-huber", "pcm4-flow-huber", "ect-flow-1-2", "ect-vp-1"])
 def test_consistency_students_reach_the_data_from_the_users_samples(method, schedule,
-                                                                    num_steps):
-    """Budget: 2,000 steps, batch 256, lr 1e-3, the toy's plain MLP (about 10 s each).
-    Measured: LCM 1 step 0.0156 (self-target 0.037), PCM 1 phase (pseudo-Huber) on VP 0.0255
-    (self-target 0.171; 0.452 on flow), PCM 4 phases 0.014 (self-target 0.29); the teacher's
-    own 50-step samples 0.0052. Catches the self-target drift (``target: student`` fails every
-    case on PCM) and a ``data=`` that does not reach the objective's x0."""
+                                                                    num_steps, sample):
+    """Budget: 2,000 steps, batch 256, lr 1e-3, the toy's plain MLP (12-27 s each).
+    Measured (teacher's own 50-step samples 0.0051): LCM 1 step 0.0156 (self-target 0.037),
+    PCM 1 phase (pseudo-Huber) on VP 0.0255 (self-target 0.171; 0.452 on flow), PCM 4 phases
+    0.014 (self-target 0.29), ECT flow 0.0193 / 2 steps 0.0181, VP 0.0274 (ECT defaults with
+    sd 1.4: 0.097 flow, 0.117 VP; self-target with uniform weight: 427). Catches the self-target
+    drift, ECT's snr weighting starving the 1-step sample on such a network, and a ``data=``
+    that does not reach the objective's x0."""
     torch.manual_seed(0)
     teacher = toy_teacher(k=8, var=0.02, schedule=schedule)
     mixture = teacher.denoiser.backbone.fn
@@ -59,15 +69,16 @@ def test_consistency_students_reach_the_data_from_the_users_samples(method, sche
                         teacher=teacher, networks={"student": MLPDenoiser()}, data=x0,
                         return_nets=True)
     objective = build_objective(method, student_times=[1.0] * num_steps)
-    x = generate(nets, [""] * 1000, objective.sampler(), torch.Generator().manual_seed(2),
-                 ema=False)
     reference = teacher.sample([""] * 1000, steps=50, generator=torch.Generator().manual_seed(2))
-    ed, worst = _score(x, data)
     teacher_ed, _ = _score(reference, data)
-    print(f"\n{method['name']} {schedule} {num_steps} step(s): energy {ed:.4f} (teacher "
-          f"{teacher_ed:.4f}), worst mode share {worst:.2f}")
-    assert ed < 6 * teacher_ed, (ed, teacher_ed)
-    assert worst > 0.5, worst
+    for n in sample:
+        x = generate(nets, [""] * 1000, objective.sampler(n), torch.Generator().manual_seed(2),
+                     ema=False)
+        ed, worst = _score(x, data)
+        print(f"\n{method['name']} {schedule} {n} step(s): energy {ed:.4f} (teacher "
+              f"{teacher_ed:.4f}), worst mode share {worst:.2f}")
+        assert ed < 8 * teacher_ed, (n, ed, teacher_ed)
+        assert worst > 0.5, (n, worst)
 
 
 def test_a_custom_teacher_without_data_is_told_the_python_api():

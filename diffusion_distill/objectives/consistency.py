@@ -535,6 +535,8 @@ class PCM(_ConsistencyDistillation):
 
 # -- consistency training from data ----------------------------------------------------------
 
+ECT_WEIGHTINGS = ("snr", "inverse_gap", "uniform")
+
 class ECT(AnyStepCount, Objective):
     """Easy consistency tuning (teacher-free, from data; the student starts as the teacher).
 
@@ -546,6 +548,14 @@ class ECT(AnyStepCount, Objective):
         stage_every: training steps per stage (default: a quarter of train.steps).
         huber_c: pseudo-Huber c on the per-sample squared L2 sum ``sqrt(L + c^2) - c``
             (default iCT's ``0.00054 sqrt(d)``, d the sample's dimension).
+        weighting: ``snr`` (ECT's ImageNet ``(s^2 + sd^2) / (s sd)^2``, for EDM-preconditioned
+            networks, whose error shrinks with the noise: a diffusers backbone's x0), or
+            ``inverse_gap`` (ECT's CIFAR ``1 / (s - r)``) or ``uniform`` (for a network whose
+            error does not shrink with the noise, e.g. ``x_t + mlp``: there ``snr`` gives
+            Adam's whole step to the smallest noise and the 1-step sample does not train).
+        target: ``student`` (iCT / ECT: the student under no_grad) or ``momentum`` (an EMA of
+            the student with ``target_decay``, the CM paper's target network; on the 2-D toy
+            the self-target diverges, docs/consistency.md).
         sample_steps: step counts the export serves (evenly spaced times, re-noised between).
     """
 
@@ -557,20 +567,31 @@ class ECT(AnyStepCount, Objective):
         sigma_data=number(0, lo_open=True),
         q=number(1, lo_open=True), k=number(0), b=number(0),
         stage_every=integer(1, none=True), huber_c=number(0, lo_open=True, none=True),
-        sample_steps=counts(),
+        sample_steps=counts(), weighting=choice(*ECT_WEIGHTINGS),
+        target=choice("student", "momentum"), target_decay=number(0, 1, hi_open=True),
     )
 
     def __init__(self, P_mean: float = -1.1, P_std: float = 2.0, sigma_data: float = 0.5,
                  q: float = 4.0, k: float = 8.0, b: float = 1.0, stage_every: int | None = None,
                  huber_c: float | None = None, sample_steps: list[int] | None = None,
-                 student_times: list[float] | None = None, total_steps: int | None = None):
+                 student_times: list[float] | None = None, total_steps: int | None = None,
+                 weighting: str = "snr", target: str = "student", target_decay: float = 0.95):
         if q <= 1:
             raise ValueError(f"q must be > 1 (each stage divides s - r by q), got {q}")
+        if weighting not in ECT_WEIGHTINGS or target not in ("student", "momentum"):
+            raise ValueError(f"weighting must be one of {ECT_WEIGHTINGS} and target 'student' or "
+                             f"'momentum', got {weighting!r}, {target!r}")
+        self.weighting, self.target, self.target_decay = weighting, target, float(target_decay)
         self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
         self.q, self.k, self.b = q, k, b
         self.stage_every = stage_every or max(1, (total_steps or 1000) // 4)
         self.huber_c = huber_c
         self._serve(student_times, sample_steps)
+
+    def setup(self, nets):
+        if self.target == "momentum":
+            self.momentum = MomentumTarget(nets.params("student"), self.target_decay)
+            nets.add_extra("student", "consistency_target", self.momentum)
 
     def r_of(self, s, stage: int):
         decay = self.q ** -(stage + 1)
@@ -582,23 +603,40 @@ class ECT(AnyStepCount, Objective):
         stage = ctx.step // self.stage_every
         s_max = float(edm_sigma(sched, torch.ones(1)))
         s_max = s_max if math.isfinite(s_max) else 1e3  # flow: sigma/alpha is infinite at t=1
-        s = (self.P_mean + self.P_std * ctx.rng.randn(n)).exp().clamp_max(s_max).to(x0.device)
+        # VP's EDM sigma has a floor (~0.01 at t = 0): a smaller s is not a noise level the
+        # schedule has, so s is held to it (the weight then matches the noise the pair has)
+        s_min = float(edm_sigma(sched, torch.zeros(1)))
+        s = (self.P_mean + self.P_std * ctx.rng.randn(n)).exp().clamp(s_min, s_max).to(x0.device)
         r = self.r_of(s, stage)
+        # r at or below the floor: ECT's r = 0 rule (the target is the data itself)
+        boundary = r <= s_min
+        r = torch.where(boundary, torch.zeros_like(r), r)
         t, t_r = time_of_edm_sigma(sched, s), time_of_edm_sigma(sched, r)
         eps = ctx.rng.randn(*x0.shape)  # one noise direction for both points
         alpha_t, sigma_t = sched.alpha_sigma(t)
         alpha_r, sigma_r = sched.alpha_sigma(t_r)
         x_t, x_r = add_noise(x0, eps, alpha_t, sigma_t), add_noise(x0, eps, alpha_r, sigma_r)
         seed = ctx.rng.seed()  # the same dropout mask in both passes
+        momentum = self.target == "momentum"
+        if momentum and ctx.micro == 0:
+            self.momentum.update()  # the student as the last optimizer step left it
+        # the target first: swapping weights in place after the online pass would change
+        # tensors its graph saved
+        with torch.no_grad(), seeded(seed), \
+                self.momentum.swapped() if momentum else contextlib.nullcontext():
+            f_r = torch.nan_to_num(nets.student(x_r, t_r, cond))
         with seeded(seed):
             f_t = nets.student(x_t, t, cond)
-        with torch.no_grad(), seeded(seed):
-            f_r = torch.nan_to_num(nets.student(x_r, t_r, cond))
-        f_r = torch.where(bcast(r > 0, x0), f_r, x0)
+        f_r = torch.where(bcast(~boundary, x0), f_r, x0)
         sq = ((f_t.float() - f_r.float()) ** 2).flatten(1).sum(1)
         c = self.huber_c if self.huber_c is not None else 0.00054 * math.sqrt(x0[0].numel())
         per_sample = torch.sqrt(sq + c * c) - c
-        weight = (s ** 2 + self.sigma_data ** 2) / (s * self.sigma_data) ** 2
+        if self.weighting == "snr":
+            weight = (s ** 2 + self.sigma_data ** 2) / (s * self.sigma_data) ** 2
+        elif self.weighting == "inverse_gap":
+            weight = 1.0 / (s - r)
+        else:
+            weight = torch.ones_like(s)
         loss = (per_sample * weight).mean()
         ctx.log(ect=loss, stage=stage)
         yield "student", loss
