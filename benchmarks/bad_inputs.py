@@ -38,7 +38,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from harness import ROOT, provenance, write_json
+
 OUT = os.path.join(ROOT, "benchmarks", "results", "bad_inputs.json")
 NOISE = ("[transformers]", "Loading", "Writing", "warnings.warn", "UserWarning", "it/s]",
          "s/it]")
@@ -81,8 +82,6 @@ def relevant_lines(text: str) -> list[str]:
 def setup_base(tmp: str) -> dict:
     """A tiny teacher folder, a tiny recipe and one finished run (checkpoints 2 and 4)."""
     import yaml
-
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
     from conftest import tiny_recipe
 
     from diffusion_distill.tiny import tiny_sd, tiny_sd3
@@ -806,16 +805,12 @@ def main(argv=None):
     for row in rows:
         c = by_category.setdefault(row["category"], {})
         c[row["class"]] = c.get(row["class"], 0) + 1
-    result = {"command": "python benchmarks/bad_inputs.py" + (f" --only {a.only!r}" if a.only
-                                                              else ""),
-              "machine": {"cpus": os.cpu_count(), "platform": sys.platform,
-                          "user": "root" if os.geteuid() == 0 else "not root"},
+    result = {**provenance("bad_inputs.py", argv),
+              "user": "root" if os.geteuid() == 0 else "not root",
               "cases": len(rows), "counts": counts, "by_category": by_category,
               "skipped": skipped, "rows": rows,
               "python": sys.version.split()[0], "seconds": round(time.time() - t0, 1)}
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(a.out, result)
     print(json.dumps({"cases": len(rows), "counts": counts}, indent=1))
     print(f"wrote {a.out}")
     return 0 if set(counts) <= {"clear error", "recovered"} else 1

@@ -23,11 +23,15 @@ import json
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for p in (ROOT, HERE):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+from harness import (
+    ROOT,
+    add_run_arguments,
+    check_run_arguments,
+    eval_rows,
+    provenance,
+    train_and_evaluate,
+    write_json,
+)
 
 # name -> (the hypothesis the change tests, the one recipe override)
 HYPOTHESES = {
@@ -70,11 +74,8 @@ TEACHER_STEPS, TEACHER_GUIDANCE = 50, 5.0
 
 
 def main(argv=None):
-    from runs_common import add_run_arguments, check_run_arguments, provenance
-
-    from diffusion_distill.eval.protocol import Protocol, evaluate_loaded, load_model, write_json
+    from diffusion_distill.eval.protocol import Protocol, evaluate_loaded, load_model
     from diffusion_distill.recipe import load_recipe
-    from diffusion_distill.train import train
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default="sd3", choices=["sd", "sd3"])
@@ -120,9 +121,7 @@ def main(argv=None):
         recipe = load_recipe(os.path.join(ROOT, "recipes", f"dmd2_{a.teacher}.yaml"), [
             *overrides, f"train.steps={a.steps}", f"train.eval_every={a.eval_every}",
             f"train.eval_num={a.eval_num}", "output.export=false", f"output.dir={run_dir}"])
-        train(recipe)
-        with open(os.path.join(run_dir, "eval.jsonl")) as f:
-            rows = [json.loads(line) for line in f]
+        rows = train_and_evaluate(recipe)
         curve = [{"step": r["step"], "train_seconds": r.get("train_seconds"), "fd": r["fd"],
                   "fd_ratio": r["fd"] / teacher_row["fd"], "fd_teacher": r.get("fd_teacher"),
                   "alignment": r["alignment"]["whole_prompt"], "recall": r["recall"],
@@ -169,8 +168,7 @@ def _from_full(a, name, protocol, teacher_row) -> dict:
     row, _ = evaluate_loaded(load_model(export), protocol, progress=False, return_features=True)
     fd_teacher = fd_to(InTrainingEval(run.teacher, run.recipe, protocol).teacher_features(),
                        row.pop("features"))
-    with open(os.path.join(run_dir, "eval.jsonl")) as f:
-        seconds = [json.loads(line) for line in f][-1].get("train_seconds")
+    seconds = eval_rows(run_dir)[-1].get("train_seconds")
     last = {"step": a.steps, "train_seconds": seconds, "fd": row["fd"],
             "fd_ratio": row["fd"] / teacher_row["fd"], "fd_teacher": fd_teacher,
             "alignment": row["alignment"]["whole_prompt"], "recall": row["recall"],

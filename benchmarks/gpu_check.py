@@ -21,11 +21,7 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for path in (ROOT, HERE):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+from harness import HERE, ROOT, provenance, write_json
 
 ARCHS = ("sdxl", "flux_dev")
 SKIP_BACKENDS = ("flex", "flash_hub", "sage_hub")  # compile a kernel / fetch one: not in 8 min
@@ -38,14 +34,6 @@ def refuse_without_cuda():
         sys.exit("gpu_check: refused: torch sees no CUDA device (torch.cuda.is_available() is "
                  "False). It measures GPU memory and kernels; run benchmarks/gpu_check.sh on a "
                  "machine with an NVIDIA GPU.")
-
-
-def write(path, out):
-    from diffusion_distill.checkpoint import atomic_file
-
-    with atomic_file(path) as f:
-        json.dump(out, f, indent=1)
-        f.write("\n")
 
 
 def cuda_tests(seconds: int) -> dict:
@@ -148,16 +136,15 @@ def main(argv=None):
     out = {"what": "CUDA-only tests; one DMD2-LoRA step (bf16 base, fp32 adapters, r=16, "
                    "gradient checkpointing, batch 1, random weights) at SDXL-1024 and "
                    "Flux-1024 per attention backend",
-           "command": "bash benchmarks/gpu_check.sh",
-           "machine": {"gpu": torch.cuda.get_device_name(0),
+           **provenance("gpu_check.py", argv),
+           "machine_details": {"gpu": torch.cuda.get_device_name(0),
                        "gpu_memory_gb": round(torch.cuda.get_device_properties(0).total_memory
                                               / 1e9, 1),
                        "torch": torch.__version__, "cuda": torch.version.cuda,
-                       "python": platform.python_version()},
-           "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+                       "python": platform.python_version()}}
     if not args.skip_tests:
         out["cuda_tests"] = cuda_tests(seconds=150)
-        write(args.out, out)
+        write_json(args.out, out)
     out["dmd2_lora_step"] = {}
     for arch in ARCHS:
         if time.perf_counter() > deadline:
@@ -168,9 +155,9 @@ def main(argv=None):
             torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001
             out["dmd2_lora_step"][arch] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
-        write(args.out, out)
+        write_json(args.out, out)
     out["seconds"] = round(time.perf_counter() - start, 1)
-    write(args.out, out)
+    write_json(args.out, out)
     print(f"wrote {args.out} in {out['seconds']} s")
 
 

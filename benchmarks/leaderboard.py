@@ -15,15 +15,11 @@ Distances are in EfficientNet-Lite0 ImageNet feature space (128 px): NOT Incepti
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import sys
 
-import torch
+from harness import ROOT, eval_rows, provenance, write_json
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # method -> recipe stem (the student's default step count is in each recipe)
 METHODS = {
     "dmd2": "dmd2_{t}",
@@ -49,7 +45,6 @@ TEACHER_GUIDANCE = 5.0
 def main(argv=None):
     from diffusion_distill.bench import run_bench
     from diffusion_distill.checkpoint import atomic_file
-    from diffusion_distill.eval.protocol import write_json
     from diffusion_distill.recipe import load_recipe
     from diffusion_distill.train import train
 
@@ -98,12 +93,7 @@ def main(argv=None):
     # Runs accumulate into one table: a row is replaced only by a row of the same teacher,
     # model and step count, so rerunning one method keeps every other row. Each row carries
     # the command, machine and date that made it.
-    run = {"date": datetime.date.today().isoformat(),
-           "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch "
-                      f"{torch.__version__} ({torch.get_num_threads()} threads), CUDA "
-                      f"{'yes' if torch.cuda.is_available() else 'no'}",
-           "command": "python benchmarks/leaderboard.py " + " ".join(
-               sys.argv[1:] if argv is None else argv)}
+    run = provenance("leaderboard.py", argv)
     path = os.path.join(args.out, "leaderboard.json")
     info = {"rows": []}
     if os.path.isfile(path):
@@ -135,10 +125,9 @@ def convergence_plot(teacher, methods, runs, out):
 
     logs = {}
     for method in methods:
-        path = os.path.join(runs, METHODS[method].format(t=teacher), "eval.jsonl")
-        if os.path.isfile(path):
-            with open(path) as f:
-                logs[method] = [json.loads(line) for line in f if line.strip()]
+        rows = eval_rows(os.path.join(runs, METHODS[method].format(t=teacher)))
+        if rows:
+            logs[method] = rows
     if not logs:
         return None
     with tempfile.TemporaryDirectory() as tmp:

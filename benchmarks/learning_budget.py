@@ -15,19 +15,13 @@ Energy distance between flattened latents (world.toy2d.energy_distance); 2 CPU c
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for p in (ROOT, os.path.join(ROOT, "tests")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+from harness import HERE, provenance, write_json
 
 
 def main(argv=None):
@@ -35,7 +29,6 @@ def main(argv=None):
     from conftest import tiny_recipe
 
     from diffusion_distill.build import setup_run
-    from diffusion_distill.eval.protocol import write_json
     from diffusion_distill.recipe import load_recipe
     from diffusion_distill.student import generate
     from diffusion_distill.train import train
@@ -87,9 +80,7 @@ def main(argv=None):
            "batch": a.batch, "teacher": a.teacher, "before": before, "after": after,
            "ratio": {k: after[k] / before[k] for k in after}, "train_seconds": round(seconds),
            "teacher_50_step_to_data": float(energy_distance(reference, data)),
-           "date": datetime.date.today().isoformat(),
-           "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch "
-                      f"{torch.__version__} ({torch.get_num_threads()} threads)"}
+           **provenance("learning_budget.py", argv)}
     print(json.dumps({k: row[k] for k in ("method", "num_steps", "before", "after", "ratio")}))
     rows = []
     if os.path.isfile(a.out):

@@ -49,10 +49,7 @@ import tempfile
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from harness import HERE, provenance, write_json
 
 GB = 1e9
 MEASUREMENTS = ("plain_lora", "dmd2_lora", "dmd2_full", "dmd2_lora_ckpt", "dmd2_lora_bf16",
@@ -409,10 +406,7 @@ def worker(args):
         cpu = [e["cpu_seconds"] for e in mon.events
                if e["event"].startswith("step ") and "warm-up" not in e["event"]]
         result["median_step_cpu_seconds"] = round(statistics.median(cpu), 2)
-    from diffusion_distill.checkpoint import atomic_file
-
-    with atomic_file(args.out) as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
 
 
 def run_worker(name, args) -> dict:
@@ -566,10 +560,8 @@ def parent(args):
                      "student_times": [1.0], "batch": 1, "dtype": "float32",
                      "optimizer": "AdamW", "clip_grad": CLIP_GRAD, "timed_steps": args.steps,
                      "warmup_steps": 1, "memory_budget_gb": args.budget_gb},
-        "command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__), ROOT)]
-                                        + sys.argv[1:]),
-        "machine": machine(args),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        **provenance("memory.py"),
+        "machine_details": machine(args),
         "ratios": ratios,
         "results": results,
     }
@@ -578,11 +570,7 @@ def parent(args):
                       "context or the allocator's cache)"
     path = args.json or os.path.join(
         HERE, "results", f"memory_{args.device.split(':')[0]}{'_small' if args.small else ''}.json")
-    from diffusion_distill.checkpoint import atomic_file
-
-    with atomic_file(path) as f:
-        json.dump(out, f, indent=1)
-        f.write("\n")
+    write_json(path, out)
     print_table(out)
     print(f"wrote {os.path.relpath(path)}")
     return out

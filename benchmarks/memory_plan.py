@@ -54,10 +54,7 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from harness import HERE, ROOT, provenance, write_json
 
 GB = 1e9
 RANK = 16            # LoRA rank of every adapter (memory.py's)
@@ -399,14 +396,6 @@ def machine() -> dict:
             "platform": platform.platform(), "cpu_cores_visible": os.cpu_count()}
 
 
-def write(path, out):
-    from diffusion_distill.checkpoint import atomic_file
-
-    with atomic_file(path) as f:
-        json.dump(out, f, indent=1)
-        f.write("\n")
-
-
 def measured_live_peak() -> dict | None:
     """memory.py's CPU DMD2-LoRA peak with RSS tracking live tensors (mmap run), less the
     process's baseline before the model existed: the tensors of the step."""
@@ -477,9 +466,8 @@ def main(argv=None):
                 "process group, FSDP2 fully_shard per block + root at world > 1, torch's "
                 "MemTracker / FSDPMemTracker; the toolkit's own roles, objectives and "
                 "train_step",
-        "command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__), ROOT)]
-                                        + sys.argv[1:] if argv is None else list(argv)),
-        "machine": machine(), "lora_rank": RANK, "capacity_gb": CAPACITY_GB,
+        **provenance("memory_plan.py", argv), "machine_details": machine(),
+        "lora_rank": RANK, "capacity_gb": CAPACITY_GB,
         "fits_rule": f"planned_peak_gb <= {HEADROOM} x {CAPACITY_GB}",
         "architectures": {a: arch(a)["what"] for a in ARCHS},
     })
@@ -498,7 +486,7 @@ def main(argv=None):
                                                / measured["tensors_gb"], 3)
             v["target"] = "within 15% (0.85-1.15)"
         out["validation"] = v
-        write(args.json, out)
+        write_json(args.json, out)
         print(json.dumps(v, indent=1))
         return out
     wanted = grid(args)
@@ -523,7 +511,7 @@ def main(argv=None):
                     result["gradient_checkpointing"] = result.pop("checkpointing")
                 cells[cell_key(result)] = result
                 done += 1
-                write(args.json, out)
+                write_json(args.json, out)
                 print(f"[{done}] {cell_key(result)}: "
                       f"{result.get('planned_peak_gb', result.get('error'))} "
                       f"({result.get('seconds')})", flush=True)

@@ -29,12 +29,10 @@ under ``torch.autocast("cpu")`` (bf16), as its code does on any device but MPS.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import itertools
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -43,10 +41,7 @@ import tempfile
 import time
 import types
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from harness import HERE, ROOT, provenance, write_json
 
 SOLVER_STEPS = 50
 W_MIN, W_MAX = 2.0, 6.0   # LCM's convention: cond + w (cond - uncond), in both codes
@@ -255,8 +250,7 @@ def main(argv=None):
 
     if a.side:  # a worker: one side, one fresh process
         result = run_ours(a) if a.side == "ours" else run_peer(a)
-        with open(a.side_out, "w") as f:
-            json.dump(result, f)
+        write_json(a.side_out, result)
         return 0
 
     sides = {}
@@ -287,17 +281,9 @@ def main(argv=None):
             s["peak_gb"] = s["peak_bytes"] / 1e9
             print(f"[peer_lcm] {side}: {s['median_step_seconds']:.3f} s/step, peak "
                   f"{s['peak_gb']:.2f} GB", flush=True)
-    import torch
-
-    from diffusion_distill.eval.protocol import write_json
-
     result = {
         "what": "one LCM-LoRA training step, ours vs diffusers' train_lcm_distill_lora_sd_wds.py",
-        "command": "python benchmarks/peer_lcm.py " + " ".join(
-            sys.argv[1:] if argv is None else argv),
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch "
-                   f"{torch.__version__}, device {a.device}",
+        **provenance("peer_lcm.py", argv, device=a.device),
         "setup": {"teacher": teacher_name, "batch_size": a.batch_size, "resolution": a.resolution,
                   "lora_rank": a.rank, "lora_alpha": a.rank, "target_modules": modules,
                   "solver_steps": SOLVER_STEPS, "w_range": [W_MIN, W_MAX],

@@ -15,20 +15,15 @@ Distances are in EfficientNet-Lite0 ImageNet feature space (128 px): NOT Incepti
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import sys
 
-import torch
+from harness import ROOT, provenance, write_json
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGIES = ("lsg", "zero_cfg", "anti_cfg", "teacher_cfg", "none")
 
 
 def main(argv=None):
     from diffusion_distill.bench import run_bench
-    from diffusion_distill.eval.protocol import write_json
     from diffusion_distill.objectives.sid import GUIDANCE_PRESETS
     from diffusion_distill.recipe import load_recipe
     from diffusion_distill.train import train
@@ -61,10 +56,7 @@ def main(argv=None):
             for r in summary["cells"]]
     write_json(os.path.join(args.out, f"sid_guidance_{args.teacher}.json"), {
         "what": __doc__.split("\n\n")[1].replace("\n", " "),
-        "command": "python benchmarks/sid_guidance.py " + " ".join(
-            sys.argv[1:] if argv is None else argv),
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        **provenance("sid_guidance.py", argv),
         "plot": os.path.relpath(os.path.join(out, "alignment_vs_recall.png"), ROOT),
         "rows": rows})
     for r in rows:

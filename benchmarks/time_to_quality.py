@@ -19,15 +19,17 @@ against training seconds beside it. Distances are in EfficientNet-Lite0 ImageNet
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for p in (ROOT, HERE):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+from harness import (
+    ROOT,
+    add_run_arguments,
+    check_run_arguments,
+    provenance,
+    train_and_evaluate,
+    write_json,
+)
 
 TEACHER_STEPS, TEACHER_GUIDANCE = 50, 5.0  # the leaderboard's teacher row
 FEW_STEPS = 4  # the teacher's own few-step sampler: the bar on FD to the teacher
@@ -35,13 +37,11 @@ FEW_STEPS = 4  # the teacher's own few-step sampler: the bar on FD to the teache
 
 def main(argv=None):
     from leaderboard import METHODS
-    from runs_common import add_run_arguments, check_run_arguments, provenance
 
     from diffusion_distill.eval.evaluate import fd_to
     from diffusion_distill.eval.in_training import InTrainingEval
-    from diffusion_distill.eval.protocol import Protocol, evaluate_loaded, load_model, write_json
+    from diffusion_distill.eval.protocol import Protocol, evaluate_loaded, load_model
     from diffusion_distill.recipe import load_recipe
-    from diffusion_distill.train import train
 
     def load_teacher_for(recipe):
         from diffusion_distill.build import setup_run
@@ -83,9 +83,7 @@ def main(argv=None):
         recipe = load_recipe(os.path.join(ROOT, "recipes", stem + ".yaml"), [
             f"train.steps={a.steps}", f"train.eval_every={a.eval_every}",
             f"train.eval_num={a.eval_num}", "output.export=false", f"output.dir={run_dir}"])
-        train(recipe)
-        with open(os.path.join(run_dir, "eval.jsonl")) as f:
-            rows = [json.loads(line) for line in f]
+        rows = train_and_evaluate(recipe)
         if rows and rows[0]["step"] != 0:
             # a run made before the loop evaluated its initialisation: score it here (LoRA
             # B = 0, so the initial student is the teacher under the student's sampler)

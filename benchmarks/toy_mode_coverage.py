@@ -15,19 +15,12 @@ import argparse
 import copy
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
 import torch
+from harness import HERE, provenance, write_json
 
-from diffusion_distill.checkpoint import atomic_file
 from diffusion_distill.objectives import common
 from diffusion_distill.objectives.dmd import DMD2
 
@@ -108,11 +101,8 @@ def main(argv=None):
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     out = {"what": __doc__.split("\n\n")[1].replace("\n", " "),
-           "command": "python benchmarks/toy_mode_coverage.py " + " ".join(argv or sys.argv[1:]),
-           "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
-           "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "rows": rows}
-    with atomic_file(args.json) as f:
-        json.dump(out, f, indent=1)
+           **provenance("toy_mode_coverage.py", argv), "rows": rows}
+    write_json(args.json, out)
     print(f"wrote {os.path.relpath(args.json)}")
 
 
