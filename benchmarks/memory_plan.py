@@ -258,7 +258,9 @@ def build_setup(arch_name: str, setup: str, checkpointing: bool, dtype, device="
             roles = SharedBaseRoles(base, roles=objective.roles, rank=RANK, ema=ema)
         elif setup == "lcm_two_unet":
             student = copy.deepcopy(base)
-            SharedBaseRoles(student, roles=("student",), rank=RANK, ema=False)
+            # the copy's adapter is always on: the copy is the student network
+            SharedBaseRoles(student, roles=("student",), rank=RANK, ema=False).activate(
+                "student")
             roles = SeparateRoles(base, networks={"student": student}, roles=("student",),
                                   ema=False)
             for n, p in student.named_parameters():  # the copy's base stays frozen
@@ -490,7 +492,7 @@ def main(argv=None):
         print(json.dumps(v, indent=1))
         return out
     wanted = grid(args)
-    todo = [c for c in wanted if args.rerun or key_of(c) not in cells]
+    todo = [c for c in wanted if args.rerun or "planned_peak_gb" not in cells.get(key_of(c), {})]
     print(f"{len(todo)} cells to plan ({len(wanted) - len(todo)} already in "
           f"{os.path.relpath(args.json)})", flush=True)
 

@@ -20,6 +20,7 @@ Only the glue is written here; the engine is torch's:
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
@@ -106,3 +107,74 @@ class ShardedBackward:
         names = [self._unsharded[id(p)].unsharded_param if id(p) in self._unsharded else p
                  for p in inputs]
         loss.backward(inputs=names)
+
+
+# -- launching ------------------------------------------------------------------------------
+
+PARALLEL = ("auto", "none", "ddp", "fsdp")
+
+
+def _launcher_processes(cmdline: list[str]) -> int | None:
+    """The process count an ``accelerate launch`` command line asks for (its
+    ``--num_processes``, or its ``--config_file``'s ``num_processes``); None for anything
+    else."""
+    joined = " ".join(cmdline)
+    if not ("accelerate.commands.launch" in joined
+            or any(os.path.basename(a) == "accelerate" and i + 1 < len(cmdline)
+                   and cmdline[i + 1] == "launch" for i, a in enumerate(cmdline))):
+        return None
+    value = None
+    for i, arg in enumerate(cmdline):
+        for flag in ("--num_processes", "--num-processes", "--config_file", "--config-file"):
+            if arg == flag and i + 1 < len(cmdline):
+                value = (flag, cmdline[i + 1])
+            elif arg.startswith(flag + "="):
+                value = (flag, arg.split("=", 1)[1])
+            if value and value[0].startswith("--num"):
+                return int(value[1])
+    if value:  # a config file, and no --num_processes after all
+        import yaml
+
+        try:
+            with open(value[1]) as f:
+                return int((yaml.safe_load(f) or {}).get("num_processes", 1))
+        except (OSError, ValueError, TypeError, yaml.YAMLError):
+            return None
+    return None
+
+
+def check_launch(world: int) -> None:
+    """Refuse a launch that asked for several processes and got one.
+
+    ``accelerate launch --num_processes N`` on a machine without GPUs starts ONE process
+    unless also given ``--multi_gpu`` (it sets no variable that says N was asked for), so its
+    run would silently train alone. The launcher's command line says what was asked."""
+    if world > 1:
+        return
+    try:
+        import psutil
+
+        asked = _launcher_processes(psutil.Process(os.getppid()).cmdline())
+    except Exception:  # noqa: BLE001  (no parent to read: nothing was asked)
+        return
+    if asked and asked > 1:
+        raise ValueError(
+            f"the launcher asked for {asked} processes but started only this one (rank 0 of "
+            "1): `accelerate launch --num_processes N` starts one process on a machine "
+            "without GPUs unless also given --multi_gpu. Launch with "
+            f"`torchrun --nproc_per_node {asked} -m diffusion_distill.cli train RECIPE` "
+            f"(or `accelerate launch --multi_gpu --num_processes {asked} ...`).")
+
+
+def resolve_parallel(cfg: dict, world: int) -> str:
+    """``train.parallel`` for this launch: ``none`` for one process, else ``ddp`` or ``fsdp``
+    (``auto``: ddp when several processes run)."""
+    choice = cfg.get("parallel", "auto")
+    if world == 1:
+        return "none"
+    if choice == "auto":
+        return "ddp"
+    if choice == "none":
+        raise ValueError(f"train.parallel=none trains in one process, but {world} were "
+                         "started; set train.parallel=ddp (or auto), or launch one process.")
+    return choice

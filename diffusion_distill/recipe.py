@@ -129,6 +129,8 @@ DEFAULTS: dict = {
                                    # runs here is checked when the run is built
         "gradient_checkpointing": False,  # recompute the backbone's activations in backward
         "compile": False,          # torch.compile the repeated blocks (regional)
+        "parallel": "auto",        # auto | none | ddp | fsdp: how several processes share the
+                                   # work (auto: ddp when several processes run; see train.py)
     },
     "output": {
         "dir": None,               # default runs/<name>
@@ -300,6 +302,8 @@ _RULES = [
     ("train.mixed_precision", lambda v: v in ("no", "fp16", "bf16"), "one of no, fp16, bf16"),
     ("train.base_dtype", lambda v: v in ("float32", "bfloat16"), "float32 or bfloat16"),
     ("train.device", lambda v: v in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
+    ("train.parallel", lambda v: v in ("auto", "none", "ddp", "fsdp"),
+     "one of auto, none, ddp, fsdp"),
     ("train.optimizer", lambda v: v in ("adamw", "adamw8bit"), "adamw or adamw8bit"),
     ("train.attention", lambda v: v in _attention_backends(), _AttentionBackends()),
     ("student.mode", lambda v: v in ("lora", "full"), "lora or full"),

@@ -168,6 +168,8 @@ def train_step(objective, nets, optimizers, batches, step: int, cfg: dict, local
         optimizers[role].step()
         optimizers[role].zero_grad(set_to_none=True)
         observe("step", role)
+    if world > 1:
+        logs = global_mean(logs, device)
     ema_of = getattr(nets.roles, "ema_of", None)
     if ema_of and ema_of in touched:
         decay = cfg["ema_decay"]
@@ -197,6 +199,17 @@ class LogInterval:
 
     def mean(self) -> dict:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+def global_mean(logs: dict, device) -> dict:
+    """Each logged value as its mean over the processes (one all-reduce for all of them), so
+    that a run's metrics.jsonl does not depend on how many processes shared its batch. Every
+    process logs the same keys (the same objective, step and seed)."""
+    keys = sorted(logs)
+    values = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(values)
+    values /= torch.distributed.get_world_size()
+    return dict(zip(keys, values.tolist()))
 
 
 def _all_reduce_mean(params):

@@ -78,8 +78,18 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
         check_data_path(recipe)
     _release_accelerator_state(cfg["mixed_precision"])
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=cfg["mixed_precision"])
+    from .parallel import check_launch, resolve_parallel
+
+    check_launch(accelerator.num_processes)  # asked for N processes, got one: refused
+    parallel = resolve_parallel(cfg, accelerator.num_processes)
+    if parallel == "fsdp":
+        raise ValueError("train.parallel=fsdp is not wired into the training loop yet (the "
+                         "planner, benchmarks/memory_plan.py, shards with FSDP2 already); use "
+                         "train.parallel=ddp")
     run_dir = recipe["output"]["dir"]
     main = accelerator.is_main_process
+    if main and accelerator.num_processes > 1:
+        print(f"{accelerator.num_processes} processes, train.parallel={parallel}")
     with contextlib.ExitStack() as stack:
         if main:
             check_writable(run_dir, "output.dir")  # a read-only place, a loop of links

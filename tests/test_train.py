@@ -155,31 +155,6 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_sd_path, tmp_path)
     load_file(os.path.join(latest_checkpoint(recipe["output"]["dir"]), "weights.safetensors"))
 
 
-def test_two_processes_match_one(tiny_sd_path, tmp_path):
-    """accelerate launch --num_processes 2 --cpu gives the 1-process result (same global batch)."""
-    runs = {}
-    for n in (1, 2):
-        recipe = tiny_recipe(tiny_sd_path, tmp_path / f"p{n}", steps=2, checkpoint_every=2,
-                             batch_size=4)
-        path = tmp_path / f"p{n}.yaml"
-        path.write_text(yaml.safe_dump(recipe))
-        cmd = [PY, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--cpu",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "diffusion_distill.cli", "train", str(path), "--no-progress"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
-                             check=False)
-        assert out.returncode == 0, out.stderr[-3000:]
-        runs[n] = _weights(recipe["output"]["dir"])
-    assert set(runs[1]) == set(runs[2])
-    for k in runs[1]:
-        torch.testing.assert_close(runs[1][k], runs[2][k], rtol=1e-4, atol=1e-5)
-    # both runs trained: LoRA B starts at zero, so equal untrained runs would show zeros here
-    for role in ("student", "critic", "ema"):
-        assert any(k.startswith(role + "/") and "lora_B" in k and v.abs().max() > 0
-                   for k, v in runs[1].items()), f"the {role} weights never moved"
-
-
 def test_cheap_evaluation_goes_into_the_run_log(tiny_sd_path, tmp_path):
     import json
 
