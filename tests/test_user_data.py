@@ -117,3 +117,19 @@ def test_an_lcm_w_range_on_an_unconditional_teacher_is_refused_by_name():
     recipe = _recipe({"name": "lcm"}, "/nonexistent")
     with pytest.raises(ValueError, match=r"method.w_min=3, w_max=15.*w_min=0 method.w_max=0"):
         setup_run(load_recipe(recipe), "cpu", teacher, {"student": MLPDenoiser()})
+
+
+def test_ect_noise_levels_are_ones_the_schedule_has():
+    """ECT on VP: every drawn EDM sigma is at least the schedule's floor (its value at t = 0),
+    and an r below it is ECT's r = 0 (target = data). Catches the weighting of a pair by an s
+    the schedule cannot noise to (before the fix 4% of draws sat below the floor, both points at
+    t = 0 and weighted up to 1/s^2 ~ 1e6)."""
+    from diffusion_distill.objectives.common import edm_sigma
+
+    teacher = toy_teacher(schedule="vp")
+    ect = build_objective({"name": "ect"}, student_times=[1.0])
+    floor = float(edm_sigma(teacher.schedule, torch.zeros(1)))
+    ctx = type("Ctx", (), {"rng": Randomness(0, 0, 0)})()
+    s, r, boundary = ect.noise_levels(teacher.schedule, 4096, 0, ctx, "cpu")
+    assert float(s.min()) >= floor * (1 - 1e-6) and (s <= floor * 1.001).float().mean() > 0.02
+    assert bool((r[boundary] == 0).all()) and bool((r[~boundary] > floor).all())

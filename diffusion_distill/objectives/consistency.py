@@ -593,6 +593,21 @@ class ECT(AnyStepCount, Objective):
             self.momentum = MomentumTarget(nets.params("student"), self.target_decay)
             nets.add_extra("student", "consistency_target", self.momentum)
 
+    def noise_levels(self, sched, n: int, stage: int, ctx, device):
+        """``(s, r, boundary)``: the pair's EDM sigmas, both noise levels the schedule has.
+
+        VP's EDM sigma has a floor (~0.01 at t = 0): a smaller drawn s is not a noise level
+        of the schedule (both points would sit at t = 0 while the weight assumed s), so s is
+        held to it; an r at or below the floor takes ECT's r = 0 rule (``boundary``: the
+        target is the data itself)."""
+        s_max = float(edm_sigma(sched, torch.ones(1)))
+        s_max = s_max if math.isfinite(s_max) else 1e3  # flow: sigma/alpha is infinite at t=1
+        s_min = float(edm_sigma(sched, torch.zeros(1)))
+        s = (self.P_mean + self.P_std * ctx.rng.randn(n)).exp().clamp(s_min, s_max).to(device)
+        r = self.r_of(s, stage)
+        boundary = r <= s_min
+        return s, torch.where(boundary, torch.zeros_like(r), r), boundary
+
     def r_of(self, s, stage: int):
         decay = self.q ** -(stage + 1)
         return (s * (1 - decay * (1 + self.k * torch.sigmoid(-self.b * s)))).clamp_min(0)
@@ -601,16 +616,7 @@ class ECT(AnyStepCount, Objective):
         cond, x0 = batch["cond"], batch["x0"]
         n, sched = x0.shape[0], nets.schedule
         stage = ctx.step // self.stage_every
-        s_max = float(edm_sigma(sched, torch.ones(1)))
-        s_max = s_max if math.isfinite(s_max) else 1e3  # flow: sigma/alpha is infinite at t=1
-        # VP's EDM sigma has a floor (~0.01 at t = 0): a smaller s is not a noise level the
-        # schedule has, so s is held to it (the weight then matches the noise the pair has)
-        s_min = float(edm_sigma(sched, torch.zeros(1)))
-        s = (self.P_mean + self.P_std * ctx.rng.randn(n)).exp().clamp(s_min, s_max).to(x0.device)
-        r = self.r_of(s, stage)
-        # r at or below the floor: ECT's r = 0 rule (the target is the data itself)
-        boundary = r <= s_min
-        r = torch.where(boundary, torch.zeros_like(r), r)
+        s, r, boundary = self.noise_levels(sched, n, stage, ctx, x0.device)
         t, t_r = time_of_edm_sigma(sched, s), time_of_edm_sigma(sched, r)
         eps = ctx.rng.randn(*x0.shape)  # one noise direction for both points
         alpha_t, sigma_t = sched.alpha_sigma(t)
