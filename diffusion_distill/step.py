@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 
 import torch
 
@@ -210,6 +211,41 @@ def global_mean(logs: dict, device) -> dict:
     torch.distributed.all_reduce(values)
     values /= torch.distributed.get_world_size()
     return dict(zip(keys, values.tolist()))
+
+
+STOP = "stop"  # what an ``after_step`` returns to end :func:`run_steps` early
+
+
+def run_steps(objective, nets, optimizers, batches, cfg: dict, local_batch: int, start: int,
+              end: int, after_step, **step_args) -> None:
+    """The training loop, the one every run uses (distillation, the teachers' own training).
+
+    For each step in ``[start, end)``: :func:`train_step` (``step_args``: rank, world,
+    device, accelerator, run_dir), its wall time (a CUDA step's queued kernels included), and
+    every ``train.log_every`` steps (and at ``end``) the interval's mean logs with ``step`` and
+    ``seconds_per_step``. ``after_step(done, logged, seconds)`` does what differs between
+    runs (log rows, evaluation, checkpoints, a time budget); ``logged`` is None between log
+    rows. It may return :data:`STOP`.
+    """
+    device = torch.device(step_args.get("device", "cpu"))
+    interval, t_last = LogInterval(), time.time()
+    for step in range(start, end):
+        t_step = time.perf_counter()
+        logs = train_step(objective, nets, optimizers, batches, step, cfg, local_batch,
+                          **step_args)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's queued kernels count toward its time
+        seconds = time.perf_counter() - t_step
+        interval.add(logs)
+        done = step + 1
+        logged = None
+        if done % cfg["log_every"] == 0 or done == end:
+            now = time.time()
+            logged = dict(interval.mean(), step=done,
+                          seconds_per_step=(now - t_last) / max(1, interval.steps))
+            interval, t_last = LogInterval(), now
+        if after_step(done, logged, seconds) == STOP:
+            return
 
 
 def _all_reduce_mean(params):

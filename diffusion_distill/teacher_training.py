@@ -8,10 +8,11 @@ A recipe whose ``teacher.build`` names a builder of a fresh pipeline is a teache
 ``ddistill train`` hands it here. The same pieces as a distillation run: the recipe format, the
 :class:`~diffusion_distill.objectives.denoising.Denoising` objective, the roles/``Nets`` of
 ``student.py`` (full fine-tuning of the fresh denoiser as role "student", an EMA copy as role
-"ema") and the loop's own ``train.train_step``. What differs from ``train.train`` is only what a
-teacher needs: the data are world latents (encoded once, since the VAE is frozen), the step
-has a learning-rate warm-up and an EMA warm-up, and the result is written as a whole diffusers
-pipeline with the EMA weights every ``checkpoint_every`` steps, so an interrupted run still
+"ema") and the one loop, ``step.run_steps`` (``train.train`` runs it too). What differs from a
+distillation run is only what a teacher needs, given to that loop: the data are world latents
+(encoded once, since the VAE is frozen), the step has a learning-rate warm-up and an EMA
+warm-up, and the result is written as a whole diffusers pipeline with the EMA weights every
+``checkpoint_every`` steps (instead of resumable checkpoints), so an interrupted run still
 leaves a usable teacher.
 """
 from __future__ import annotations
@@ -127,7 +128,6 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
     """
     from .objectives import build_objective
     from .recipe import load_recipe
-    from .step import train_step
     from .student import Nets, SeparateRoles
     from .teachers import teacher_from_pipeline
     from .world import teachers as world_teachers
@@ -204,7 +204,6 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
     log(f"{name}: {len(captions)} latents ready in {time.time() - t0:.0f}s; latent std "
         f"{x0_pool.std():.3f}; denoiser {sum(p.numel() for p in params) / 1e6:.2f}M params")
 
-    log_path = os.path.join(run_dir, "metrics.jsonl")
     t_start = time.time()
     final_role = "ema" if roles.ema_of else "student"
     def batches(rng, n):
@@ -215,28 +214,33 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
             cond, _ = world_teachers.collapse_repeated_context(cond)
         return {"x0": x0_pool[index], "cond": cond, "prompts": caps}
 
-    from .step import LogInterval
+    from .run_log import RunLog
+    from .step import STOP, run_steps
 
-    interval = LogInterval()
-    for step in range(cfg["steps"]):
-        interval.add(train_step(objective, nets, {"student": opt}, batches, step, step_cfg,
-                                cfg["batch_size"]))
-        done = step + 1
-        if done % cfg["log_every"] == 0 or done == cfg["steps"]:
-            logs = dict(interval.mean(), step=done, seconds=round(time.time() - t_start, 1))
-            interval = LogInterval()
-            with open(log_path, "a") as f:
-                f.write(json.dumps(logs) + "\n")
-            log(f"{name} step {done}: " + " ".join(f"{k} {v:.4g}" for k, v in logs.items()
+    run_log = RunLog(run_dir)
+
+    def after_step(done, logged, seconds):
+        if logged is not None:
+            logged["seconds"] = round(time.time() - t_start, 1)
+            run_log.metrics(logged, done)
+            log(f"{name} step {done}: " + " ".join(f"{k} {v:.4g}" for k, v in logged.items()
                                                   if k != "step"))
         out_of_time = (minutes is not None and time.time() - t_start > minutes * 60) or (
             cfg["stop_after"] is not None and done >= cfg["stop_after"])
+        # the whole pipeline at every checkpoint: an interrupted run leaves a usable teacher
         if done % cfg["checkpoint_every"] == 0 or done == cfg["steps"] or out_of_time:
             save_pipeline(pipe, roles.state_dict(final_role), out)
             log(f"{name}: saved {out} at step {done}")
         if out_of_time:
             log(f"{name}: stopped at step {done} ({time.time() - t_start:.0f} s)")
-            break
+            return STOP
+        return None
+
+    try:
+        run_steps(objective, nets, {"student": opt}, batches, step_cfg, cfg["batch_size"], 0,
+                  cfg["steps"], after_step)
+    finally:
+        run_log.close()
     return out
 
 

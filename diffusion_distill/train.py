@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 
 import torch
 
@@ -28,7 +27,7 @@ from .build import setup_run
 from .checkpoint import check_writable
 from .recipe import load_recipe
 from .run_folder import check_run_folder, prepare_run_dir, run_lock, trim_eval_log
-from .step import LogInterval, build_optimizers, optimizer_class, train_step
+from .step import build_optimizers, optimizer_class, run_steps
 
 
 def check_device(cfg: dict):
@@ -215,7 +214,7 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
 
     log = RunLog(run_dir) if main else None
     end = min(cfg["steps"], cfg["stop_after"] or cfg["steps"])
-    bar = tqdm(range(start, end), initial=start, total=end, desc=f"train {recipe['name']}",
+    bar = tqdm(initial=start, total=end, desc=f"train {recipe['name']}",
                disable=not (progress and main))
 
     evaluator = None
@@ -236,30 +235,22 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
         # the starting point of every curve: the student as initialised (LoRA B = 0: the
         # teacher's weights under the student's own few-step sampler)
         evaluate_now(0)
-    t_last = time.time()
-    interval = LogInterval()
-    for step in bar:
-        t_step = time.perf_counter()
-        logs = train_step(objective, nets, optimizers, batches, step, cfg, local_batch,
-                          rank=rank, world=world, device=device, accelerator=accelerator,
-                          run_dir=run_dir)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the step's queued kernels count toward its time
-        train_seconds += time.perf_counter() - t_step
-        interval.add(logs)
-        done = step + 1
-        if main and (done % cfg["log_every"] == 0 or done == end):
-            now = time.time()
-            logs = interval.mean()
-            logs.update(step=done, seconds_per_step=(now - t_last) / max(1, interval.steps))
-            interval = LogInterval()
-            t_last = now
-            log.metrics(logs, done)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss/")})
+
+    def after_step(done, logged, seconds):
+        nonlocal train_seconds
+        train_seconds += seconds  # inside train_step only (no eval, logging or checkpoints)
+        bar.update(1)
+        if main and logged is not None:
+            log.metrics(logged, done)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items() if k.startswith("loss/")})
         if cfg["eval_every"] and (done % cfg["eval_every"] == 0 or done == end) and main:
             evaluate_now(done)
         if done % cfg["checkpoint_every"] == 0 or done == cfg["steps"]:
             checkpoint(done)
+
+    run_steps(objective, nets, optimizers, batches, cfg, local_batch, start, end, after_step,
+              rank=rank, world=world, device=device, accelerator=accelerator, run_dir=run_dir)
+    bar.close()
     if log:
         log.close()
     if end == cfg["steps"] and main and recipe["output"]["export"] and teacher.pipe is not None:

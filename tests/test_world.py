@@ -176,3 +176,37 @@ def test_teacher_training_applies_or_refuses_every_scale_key(tmp_path, monkeypat
     assert attentions and len(attentions) == seen.count("compiled")
     # each checkpointing got the run's kernel, to re-enter when it recomputes
     assert all(a.name == "math" and a.context is not None for a in attentions)
+
+
+def test_teacher_training_and_distillation_run_the_one_loop(tmp_path, monkeypatch,
+                                                           tiny_sd_path):
+    """Both trainings go through step.run_steps; catches a loop of its own beside it (the
+    teacher's training had one, with its own logging and step timing)."""
+    import importlib
+
+    from conftest import tiny_recipe
+
+    from diffusion_distill import step
+    from diffusion_distill.teacher_training import train_teacher
+    from diffusion_distill.train import train
+
+    train_module = importlib.import_module("diffusion_distill.train")  # not the function
+
+    calls = []
+    real = step.run_steps
+
+    def counted(*args, **kwargs):
+        calls.append(args[5])  # local_batch
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(step, "run_steps", counted)
+    monkeypatch.setattr(train_module, "run_steps", counted)
+    out = str(tmp_path / "sd" / "pipeline")
+    train_teacher("sd", ["train.steps=2", "train.batch_size=2", "train.log_every=1"], out=out,
+                  pool=8, cache_dir=None, log=lambda s: None)
+    assert len(calls) == 1 and os.path.isfile(os.path.join(out, "model_index.json"))
+    with open(tmp_path / "sd" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [1, 2] and all("seconds_per_step" in r for r in rows)
+    train(tiny_recipe(tiny_sd_path, tmp_path / "run", steps=1), progress=False)
+    assert len(calls) == 2
