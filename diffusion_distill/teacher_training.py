@@ -101,8 +101,7 @@ def _load_denoiser(pipe, folder: str):
 
 # train keys this loop does not apply, with the only value it runs (every other train key,
 # train.attention, gradient_checkpointing and compile among them, is applied)
-NOT_APPLIED = {"mixed_precision": "no", "base_dtype": "float32", "optimizer": "adamw",
-               "grad_accum": 1}
+NOT_APPLIED = {"mixed_precision": "no", "base_dtype": "float32", "grad_accum": 1}
 
 
 def check_train_keys(cfg: dict) -> None:
@@ -175,9 +174,9 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
             "SD3 teacher trains through its own (world.teachers.RepeatedTokenJointAttention); "
             "use native or one of torch's kernels (math, efficient, flash, cudnn)")
     nets.attention = apply_to_run(cfg, nets, "cpu")  # attention, checkpointing, compile
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]),
-                            weight_decay=cfg["weight_decay"])
-    opt.base_lr = cfg["lr"]
+    from .step import build_optimizers
+
+    optimizers = build_optimizers(objective, nets, cfg)  # as every run builds them
     # 200 warm-up steps for any real run, tiny test runs warm up over their first tenth; then
     # constant, or a cosine to train.lr_final. (train.stop_after / --minutes stop a run early
     # on the schedule of train.steps, which is how a staged recipe pins its stage lengths.)
@@ -237,7 +236,7 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
         return None
 
     try:
-        run_steps(objective, nets, {"student": opt}, batches, step_cfg, cfg["batch_size"], 0,
+        run_steps(objective, nets, optimizers, batches, step_cfg, cfg["batch_size"], 0,
                   cfg["steps"], after_step)
     finally:
         run_log.close()
