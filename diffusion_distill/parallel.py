@@ -74,11 +74,8 @@ def shard(module: nn.Module, mesh, param_dtype: torch.dtype | None = None,
 def rebind_roles(roles) -> None:
     """Point a ``SharedBaseRoles``' per-role parameter lists at the module's current
     parameters (``fully_shard`` and ``to_empty`` replace the parameter objects)."""
-    if not hasattr(roles, "_params"):
-        return  # SeparateRoles reads its networks' parameters on every call
-    named = list(roles.backbone.named_parameters())
-    roles._params = {name: [p for n, p in named if f".{name}." in n and "lora_" in n]
-                     for name in roles._params}
+    if hasattr(roles, "rebind_params"):  # SeparateRoles reads its networks' on every call
+        roles.rebind_params()
 
 
 class ShardedBackward:

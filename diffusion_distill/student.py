@@ -86,8 +86,8 @@ class SharedBaseRoles:
             else:
                 inject_adapter_in_model(config, backbone, adapter_name=name)
         self._layers = [m for m in backbone.modules() if _is_lora_layer(m)]
-        self._params = {name: [p for n, p in backbone.named_parameters()
-                               if f".{name}." in n and "lora_" in n] for name in names}
+        self._params = dict.fromkeys(names)
+        self.rebind_params()
         # peft creates an adapter in its base layer's dtype. On a bfloat16 base the adapters
         # are kept float32 (and so their AdamW state): updates of lr x grad ~1e-6 vanish in
         # bf16's 8-bit mantissa. peft casts a layer's input to its LoRA weights' dtype and the
@@ -110,6 +110,13 @@ class SharedBaseRoles:
             self._copy(ema_of, "ema")
         self.active = None
         self.activate(TEACHER)
+
+    def rebind_params(self) -> None:
+        """Each role's parameter list from the backbone's current parameters (also after a
+        wrapper, e.g. FSDP2's ``fully_shard`` or ``to_empty``, replaced the objects)."""
+        named = list(self.backbone.named_parameters())
+        self._params = {name: [p for n, p in named if f".{name}." in n and "lora_" in n]
+                        for name in self._params}
 
     def params(self, role: str) -> list[nn.Parameter]:
         if role not in self._params:

@@ -97,3 +97,20 @@ def test_the_quick_switch_computes_what_peft_s_own_switch_does():
         lora = {id(p) for r in ("student", "critic", "ema") for p in roles.params(r)}
         assert not any(p.requires_grad for p in teacher.backbone.parameters()
                        if id(p) not in lora)
+
+
+def test_rebinding_finds_parameters_a_wrapper_replaced():
+    """FSDP2's fully_shard and to_empty put new parameter objects in the backbone;
+    parallel.rebind_roles must make every role train those, not the stale ones."""
+    from diffusion_distill.parallel import rebind_roles
+
+    _, roles, _ = _setup(tiny_sd)
+    owner = next(m for m in roles.backbone.modules() if hasattr(m, "lora_A"))
+    old = owner.lora_A["critic"].weight
+    owner.lora_A["critic"].weight = torch.nn.Parameter(old.detach().clone())
+    assert not any(p is owner.lora_A["critic"].weight for p in roles.params("critic"))
+    rebind_roles(roles)
+    assert any(p is owner.lora_A["critic"].weight for p in roles.params("critic"))
+    assert not any(p is old for p in roles.params("critic"))
+    assert [len(roles.params(r)) for r in ("student", "critic", "ema")] == \
+        [len(roles.params("critic"))] * 3
