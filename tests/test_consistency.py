@@ -71,7 +71,7 @@ def _toy(method, steps=2000, num_steps=1, schedule="flow", sample=(1,), lr=1e-3,
 @pytest.mark.parametrize("method,schedule,num_steps,sample", [
     ({"name": "lcm", "solver_steps": 10, **NO_CFG}, "flow", 1, (1, 4)),
     ({"name": "lcm", "solver_steps": 10, **NO_CFG}, "vp", 1, (1, 4)),
-    ({"name": "tcd", "solver_steps": 10, **NO_CFG}, "flow", 4, (4,)),
+    ({"name": "tcd", "solver_steps": 10, "gamma": 0.0, **NO_CFG}, "flow", 4, (4,)),
     ({"name": "pcm", "phases": 2, "solver_steps": 10, **NO_CFG}, "flow", 2, (2, 4)),
     ({"name": "pcm", "phases": 2, "solver_steps": 10, **NO_CFG}, "vp", 2, (2,)),
 ], ids=["lcm-flow", "lcm-vp", "tcd-flow-4", "pcm2-flow", "pcm2-vp"])
