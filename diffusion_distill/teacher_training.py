@@ -125,9 +125,9 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
     ``init``: a pipeline folder written by an earlier run; its denoiser weights start this
     run (student and EMA), i.e. a second training stage on top of the first.
     """
-    from .objectives import build_objective
+    from .acceleration import REPLACE_PROCESSORS
+    from .build import setup_run
     from .recipe import load_recipe
-    from .student import Nets, SeparateRoles
     from .teachers import teacher_from_pipeline
     from .world import teachers as world_teachers
 
@@ -153,10 +153,15 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
     if recipe["teacher"]["guidance"] is not None:
         kwargs["guidance_scale"] = recipe["teacher"]["guidance"]
     teacher = teacher_from_pipeline(pipe, **kwargs)
-    objective = build_objective(recipe["method"])
+    if teacher.family == "sd3" and cfg["attention"] in REPLACE_PROCESSORS:
+        raise ValueError(
+            f"train.attention={cfg['attention']} replaces the attention processors, but the "
+            "SD3 teacher trains through its own (world.teachers.RepeatedTokenJointAttention); "
+            "use native or one of torch's kernels (math, efficient, flash, cudnn)")
     torch.manual_seed(cfg["seed"])
-    roles = SeparateRoles(teacher.backbone, roles=("student",), ema=cfg["ema_decay"] is not None)
-    nets = Nets(teacher, roles)
+    # as every run is set up (student.mode: full, so the roles are whole copies of the fresh
+    # denoiser), with train.attention, gradient_checkpointing and compile applied
+    teacher, objective, nets = setup_run(recipe, "cpu", teacher)
     params = nets.params("student")
     collapse = None
     if teacher.family == "sd3":
@@ -164,16 +169,8 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
         student_denoiser = nets.denoiser("student")
         student_denoiser.uncond, collapse = world_teachers.collapse_repeated_context(
             student_denoiser.uncond)
-        roles.networks["student"].set_attn_processor(
+        nets.network("student").set_attn_processor(
             world_teachers.RepeatedTokenJointAttention(collapse))
-    from .acceleration import REPLACE_PROCESSORS, apply_to_run
-
-    if collapse and cfg["attention"] in REPLACE_PROCESSORS:
-        raise ValueError(
-            f"train.attention={cfg['attention']} replaces the attention processors, but the "
-            "SD3 teacher trains through its own (world.teachers.RepeatedTokenJointAttention); "
-            "use native or one of torch's kernels (math, efficient, flash, cudnn)")
-    nets.attention = apply_to_run(cfg, nets, "cpu")  # attention, checkpointing, compile
     from .step import build_optimizers
 
     optimizers = build_optimizers(objective, nets, cfg)  # as every run builds them
@@ -204,7 +201,7 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
         f"{x0_pool.std():.3f}; denoiser {sum(p.numel() for p in params) / 1e6:.2f}M params")
 
     t_start = time.time()
-    final_role = "ema" if roles.ema_of else "student"
+    final_role = "ema" if nets.roles.ema_of else "student"
     def batches(rng, n):
         index = rng.randint(len(captions), n)
         caps = [captions[i] for i in index.tolist()]
@@ -228,7 +225,7 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
             cfg["stop_after"] is not None and done >= cfg["stop_after"])
         # the whole pipeline at every checkpoint: an interrupted run leaves a usable teacher
         if done % cfg["checkpoint_every"] == 0 or done == cfg["steps"] or out_of_time:
-            save_pipeline(pipe, roles.state_dict(final_role), out)
+            save_pipeline(pipe, nets.roles.state_dict(final_role), out)
             log(f"{name}: saved {out} at step {done}")
         if out_of_time:
             log(f"{name}: stopped at step {done} ({time.time() - t_start:.0f} s)")
