@@ -175,3 +175,77 @@ def resolve_parallel(cfg: dict, world: int) -> str:
         raise ValueError(f"train.parallel=none trains in one process, but {world} were "
                          "started; set train.parallel=ddp (or auto), or launch one process.")
     return choice
+
+
+# -- the loop's networks under FSDP2 -----------------------------------------------------------
+
+class ShardedRun:
+    """A run's networks under FSDP2, for several processes.
+
+    ``ddp``: a 2-D mesh (processes, 1): every process holds whole weights and FSDP2 averages
+    the gradients after each backward (HSDP with shards of one: data parallel through the
+    engine). ``fsdp``: a 1-D mesh: weights, gradients and AdamW state split over the
+    processes, each block gathered while it runs. Either way the loop sees DTensor parameters;
+    checkpoints hold full tensors (``full_state``), so a run resumes at any process count.
+
+    Built after the run's weights are loaded (a checkpoint, a warm start) and before its
+    optimizers, which then hold each process's shard of the state.
+    """
+
+    def __init__(self, nets, parallel: str, world: int, device, param_dtype=None,
+                 offload: bool = False, autocast=None):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        shape = (world, 1) if parallel == "ddp" else (world,)
+        names = ("replicate", "shard") if parallel == "ddp" else ("shard",)
+        self.mesh = init_device_mesh(torch.device(device).type, shape, mesh_dim_names=names)
+        roles = nets.roles
+        shared = getattr(roles, "backbone", None)
+        self.modules = [shared] if shared is not None else \
+            list(dict.fromkeys(roles.networks.values()))
+        for module in self.modules:
+            if parallel == "ddp" and not repeated_blocks(module):
+                fully_shard(module, mesh=self.mesh)  # a user's network: one unit, replicated
+            else:
+                shard(module, self.mesh, param_dtype=param_dtype, offload=offload)
+        for extra in nets.extra.values():  # small trained heads (a GAN head): one unit each
+            fully_shard(extra, mesh=self.mesh)
+            self.modules.append(extra)
+        rebind_roles(roles)
+        self._backward = ShardedBackward(self.modules)
+        self.autocast = autocast or contextlib.nullcontext
+
+    def backward(self, loss, inputs):
+        self._backward.backward(loss, inputs)
+
+    @staticmethod
+    def full_state(state: dict) -> dict:
+        """A state dict with every DTensor gathered to a full tensor (every process calls it:
+        it is a collective)."""
+        from torch.distributed.tensor import DTensor
+
+        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+
+    def full_optimizer_state(self, optimizer) -> dict:
+        """``optimizer.state_dict()`` with full tensors (a collective, like ``full_state``)."""
+        state = optimizer.state_dict()
+        return {"state": {i: self.full_state(s) for i, s in state["state"].items()},
+                "param_groups": state["param_groups"]}
+
+    def load_optimizer_state(self, optimizer, state: dict) -> None:
+        """Load a full-tensor optimizer state into an optimizer over DTensor parameters: each
+        state tensor shaped like its parameter is split like it (no communication: every
+        process read the same checkpoint)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        converted = {}
+        for i, entry in state["state"].items():
+            p = params[int(i)]
+            converted[i] = {
+                k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements,
+                                     src_data_rank=None)
+                if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape else v
+                for k, v in entry.items()}
+        optimizer.load_state_dict({"state": converted, "param_groups": state["param_groups"]})

@@ -131,6 +131,7 @@ DEFAULTS: dict = {
         "compile": False,          # torch.compile the repeated blocks (regional)
         "parallel": "auto",        # auto | none | ddp | fsdp: how several processes share the
                                    # work (auto: ddp when several processes run; see train.py)
+        "fsdp_offload": False,     # parallel fsdp: keep shards and AdamW state in CPU memory
     },
     "output": {
         "dir": None,               # default runs/<name>
@@ -304,6 +305,7 @@ _RULES = [
     ("train.device", lambda v: v in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
     ("train.parallel", lambda v: v in ("auto", "none", "ddp", "fsdp"),
      "one of auto, none, ddp, fsdp"),
+    ("train.fsdp_offload", lambda v: isinstance(v, bool), "true or false"),
     ("train.optimizer", lambda v: v in ("adamw", "adamw8bit"), "adamw or adamw8bit"),
     ("train.attention", lambda v: v in _attention_backends(), _AttentionBackends()),
     ("student.mode", lambda v: v in ("lora", "full"), "lora or full"),

@@ -3,8 +3,9 @@
 ``train_step`` is the step of :mod:`diffusion_distill.train` (distillation),
 :mod:`diffusion_distill.teacher_training` (the embedded teachers) and what
 ``benchmarks/memory.py`` measures: for each accumulation micro-batch the objective yields
-``(role, loss)`` pairs, each back-propagated into its own role at once; then per role an
-all-reduce (several processes), clipping and the optimizer step; then the EMA.
+``(role, loss)`` pairs, each back-propagated into its own role at once; then per role
+clipping and the optimizer step (several processes: FSDP2 averaged the gradients in
+backward, see :mod:`.parallel`); then the EMA.
 
 Randomness is a function of (seed, step, micro-batch) (:class:`Randomness`): every process
 draws the whole global batch and keeps its slice.
@@ -158,9 +159,7 @@ def train_step(objective, nets, optimizers, batches, step: int, cfg: dict, local
             logs[k] = logs.get(k, 0.0) + v / cfg["grad_accum"]
     factor = lr_factor(step, cfg["steps"], cfg["lr_final"], cfg.get("warmup_steps", 0))
     for role in touched:
-        params = nets.params(role)
-        if world > 1:
-            _all_reduce_mean(params)
+        params = nets.params(role)  # several processes: FSDP2 averaged them in backward
         if cfg["clip_grad"]:
             torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad"])
         for group in optimizers[role].param_groups:
@@ -246,16 +245,3 @@ def run_steps(objective, nets, optimizers, batches, cfg: dict, local_batch: int,
             interval, t_last = LogInterval(), now
         if after_step(done, logged, seconds) == STOP:
             return
-
-
-def _all_reduce_mean(params):
-    # One flat buffer: a single collective per role instead of one per tensor.
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= torch.distributed.get_world_size()
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(g).clone()
-        offset += n

@@ -81,10 +81,6 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
 
     check_launch(accelerator.num_processes)  # asked for N processes, got one: refused
     parallel = resolve_parallel(cfg, accelerator.num_processes)
-    if parallel == "fsdp":
-        raise ValueError("train.parallel=fsdp is not wired into the training loop yet (the "
-                         "planner, benchmarks/memory_plan.py, shards with FSDP2 already); use "
-                         "train.parallel=ddp")
     run_dir = recipe["output"]["dir"]
     main = accelerator.is_main_process
     if main and accelerator.num_processes > 1:
@@ -101,7 +97,7 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
                 load_latest_good(run_dir, set_aside=True)
         accelerator.wait_for_everyone()
         return _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
-                             teacher_changed, data)
+                             teacher_changed, data, parallel)
 
 
 def _release_accelerator_state(mixed_precision: str) -> None:
@@ -119,8 +115,18 @@ def _release_accelerator_state(mixed_precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
+class _Saved:
+    """An optimizer's state as ``save_checkpoint`` reads it (``state_dict()``)."""
+
+    def __init__(self, state):
+        self._state = state
+
+    def state_dict(self):
+        return self._state
+
+
 def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
-                  teacher_changed=False, data=None):
+                  teacher_changed=False, data=None, parallel="none"):
     from tqdm.auto import tqdm
 
     from .checkpoint import CheckpointError, load_latest_good, save_checkpoint
@@ -150,7 +156,6 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
         raise ValueError(f"train.batch_size={cfg['batch_size']} must be divisible by processes "
                          f"x grad_accum = {world} x {cfg['grad_accum']}")
     local_batch = cfg["batch_size"] // per_step
-    optimizers = build_optimizers(objective, nets, cfg)
     weight_roles = list(objective.roles) + (["ema"] if nets.roles.ema_of else [])
     role = recipe["output"]["export_role"]
     if recipe["output"]["export"] and role not in ("ema", "student", *objective.roles):
@@ -164,21 +169,29 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
         # refused now, not after the whole training
         check_output_dir(os.path.join(run_dir, "export"), EXPORT_MARKERS, "export folder")
 
+    def unfit(e):
+        return ValueError(f"the checkpoint in {run_dir!r} does not fit this recipe "
+                          f"({str(e).splitlines()[0][:300]}); use the recipe it was "
+                          "trained with, or --new-run")
+
+    # Weights are loaded into the whole networks, before any sharding; the optimizers (built
+    # on the sharded parameters) take their state afterwards. Checkpoints hold full tensors,
+    # so a run resumes at any process count.
+    optim_pending: dict = {}
+
     def apply(weights, optim_states, state):
         missing = [r for r in weight_roles if r not in weights] + \
-            [r for r in optimizers if r not in optim_states]
+            [r for r in objective.roles if r not in optim_states]
         if missing:
             raise CheckpointError(f"checkpoint of step {state.get('step')} lacks the role(s) "
                                   f"{missing}")
         try:
             for r in weight_roles:
                 nets.load_state_dict(r, {k: v.to(device) for k, v in weights[r].items()})
-            for r, opt in optimizers.items():
-                opt.load_state_dict(optim_states[r])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(f"the checkpoint in {run_dir!r} does not fit this recipe "
-                             f"({str(e).splitlines()[0][:300]}); use the recipe it was "
-                             "trained with, or --new-run") from e
+            raise unfit(e) from e
+        optim_pending.clear()
+        optim_pending.update(optim_states)
 
     start = 0
     train_seconds = 0.0  # wall time inside train_step only (no eval, logging or checkpoints)
@@ -204,11 +217,36 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
         init_student(nets, teacher, recipe, files.teacher_fingerprint,
                      log=print if main else (lambda s: None))
 
+    sharded = None
+    if parallel != "none":  # several processes: FSDP2 over the loaded networks
+        from .build import BASE_DTYPES
+        from .parallel import ShardedRun
+
+        dtype = BASE_DTYPES[cfg["base_dtype"]]
+        sharded = ShardedRun(nets, parallel, world, device,
+                             param_dtype=None if dtype == torch.float32 else dtype,
+                             offload=cfg["fsdp_offload"], autocast=accelerator.autocast)
+    optimizers = build_optimizers(objective, nets, cfg)
+    if found:
+        try:
+            for r, opt in optimizers.items():
+                if sharded is not None:
+                    sharded.load_optimizer_state(opt, optim_pending[r])
+                else:
+                    opt.load_state_dict(optim_pending[r])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise unfit(e) from e
+
     def checkpoint(step):
+        if sharded is not None:  # every process gathers (a collective); one writes
+            weights = {r: sharded.full_state(nets.state_dict(r)) for r in weight_roles}
+            optim = {r: _Saved(sharded.full_optimizer_state(o)) for r, o in optimizers.items()}
+        elif main:
+            weights, optim = {r: nets.state_dict(r) for r in weight_roles}, optimizers
         if main:
-            save_checkpoint(run_dir, step, {r: nets.state_dict(r) for r in weight_roles},
-                            optimizers, {"name": recipe["name"], "train_seconds": train_seconds,
-                                         "teacher_fingerprint": fingerprint},
+            save_checkpoint(run_dir, step, weights, optim,
+                            {"name": recipe["name"], "train_seconds": train_seconds,
+                             "teacher_fingerprint": fingerprint},
                             keep=cfg["keep_checkpoints"])
         accelerator.wait_for_everyone()
 
@@ -222,7 +260,9 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
     def evaluate_now(done):
         nonlocal evaluator
         evaluator = evaluator or InTrainingEval(teacher, recipe)
-        row = evaluator(nets, objective)
+        row = evaluator(nets, objective)  # sharded: every process runs it (collectives)
+        if not main:
+            return
         row.update(step=done, train_seconds=round(train_seconds, 2))
         log.eval(row)
         bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
@@ -231,7 +271,8 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
     evaluated = trim_eval_log(os.path.join(run_dir, "eval.jsonl"), start) if main else set()
     if main:  # rows of steps after the checkpoint are logged again as they are retrained
         trim_eval_log(os.path.join(run_dir, "metrics.jsonl"), start)
-    if cfg["eval_every"] and start == 0 and end > 0 and main and 0 not in evaluated:
+    evaluates = main or sharded is not None
+    if cfg["eval_every"] and start == 0 and end > 0 and evaluates and 0 not in evaluated:
         # the starting point of every curve: the student as initialised (LoRA B = 0: the
         # teacher's weights under the student's own few-step sampler)
         evaluate_now(0)
@@ -243,19 +284,28 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
         if main and logged is not None:
             log.metrics(logged, done)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items() if k.startswith("loss/")})
-        if cfg["eval_every"] and (done % cfg["eval_every"] == 0 or done == end) and main:
+        if cfg["eval_every"] and (done % cfg["eval_every"] == 0 or done == end) and evaluates:
             evaluate_now(done)
         if done % cfg["checkpoint_every"] == 0 or done == cfg["steps"]:
             checkpoint(done)
 
     run_steps(objective, nets, optimizers, batches, cfg, local_batch, start, end, after_step,
-              rank=rank, world=world, device=device, accelerator=accelerator, run_dir=run_dir)
+              rank=rank, world=world, device=device, accelerator=sharded or accelerator,
+              run_dir=run_dir)
     bar.close()
     if log:
         log.close()
     if end == cfg["steps"] and main and recipe["output"]["export"] and teacher.pipe is not None:
         from .export import export_nets
 
-        export_nets(nets, teacher, recipe, os.path.join(run_dir, "export"), objective=objective)
+        if sharded is not None:  # the export reads whole weights: the last checkpoint's
+            from .build import restore_run
+
+            restored = restore_run(run_dir, "cpu")
+            export_nets(restored.nets, restored.teacher, recipe, os.path.join(run_dir, "export"),
+                        objective=restored.objective)
+        else:
+            export_nets(nets, teacher, recipe, os.path.join(run_dir, "export"),
+                        objective=objective)
     accelerator.wait_for_everyone()
     return (run_dir, nets) if return_nets else run_dir

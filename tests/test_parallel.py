@@ -34,33 +34,88 @@ def _metrics(run_dir):
     return [{k: v for k, v in r.items() if k != "seconds_per_step"} for r in rows]
 
 
-def test_two_processes_match_one(tiny_sd_path, tmp_path):
-    """torchrun --nproc_per_node 2 gives the 1-process result (same global batch): weights,
-    and every logged value (each the mean over both processes, not rank 0's half)."""
-    runs, logs = {}, {}
-    for n in (1, 2):
-        recipe = tiny_recipe(tiny_sd_path, tmp_path / f"p{n}", steps=2, checkpoint_every=2,
-                             batch_size=4)
-        launcher = [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-                    "--master_port", str(29511 + n)]
-        out = _launch(launcher, recipe, tmp_path, f"p{n}")
-        assert out.returncode == 0, out.stderr[-3000:]
-        # two processes really ran (a launcher can silently start one)
-        assert ("2 processes, train.parallel=ddp" in out.stdout) == (n == 2), out.stdout[-2000:]
-        runs[n] = load_file(os.path.join(latest_checkpoint(recipe["output"]["dir"]),
-                                         "weights.safetensors"))
-        logs[n] = _metrics(recipe["output"]["dir"])
-    assert set(runs[1]) == set(runs[2])
-    for k in runs[1]:
-        torch.testing.assert_close(runs[1][k], runs[2][k], rtol=1e-4, atol=1e-5)
+def _torchrun(n, port=None):
+    import socket
+
+    with socket.socket() as sock:  # a free port (fixed ones collide with other runs)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+            "--master_port", str(port)]
+
+
+def _weights(run_dir):
+    return load_file(os.path.join(latest_checkpoint(run_dir), "weights.safetensors"))
+
+
+def _export(run_dir):
+    return load_file(os.path.join(run_dir, "export", "pytorch_lora_weights.safetensors"))
+
+
+def _close(a, b, what):
+    assert set(a) == set(b), what
+    for k in a:
+        diff = (a[k] - b[k]).abs().max().item()
+        scale = a[k].abs().max().item()
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5,
+                                   msg=f"{what}: {k}: max |diff| {diff:.3g}, max |x| {scale:.3g}")
+
+
+STEPS = {"steps": 4, "checkpoint_every": 2, "batch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_sd_path, tmp_path_factory):
+    """The reference: one process, 4 steps, global batch 4."""
+    tmp = tmp_path_factory.mktemp("one")
+    recipe = tiny_recipe(tiny_sd_path, tmp / "run", **STEPS)
+    out = _launch(_torchrun(1), recipe, tmp, "one")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "processes, train.parallel" not in out.stdout
+    run = recipe["output"]["dir"]
+    return {"weights": _weights(run), "logs": _metrics(run), "export": _export(run)}
+
+
+def test_two_processes_match_one(tiny_sd_path, tmp_path, one_process):
+    """torchrun --nproc_per_node 2 (ddp: FSDP2 averaging the gradients) gives the 1-process
+    result with the same global batch: weights, export, and every logged value (each the
+    mean over both processes, not rank 0's half)."""
+    recipe = tiny_recipe(tiny_sd_path, tmp_path / "run", **STEPS)
+    out = _launch(_torchrun(2), recipe, tmp_path, "two")
+    assert out.returncode == 0, out.stderr[-3000:]
+    # two processes really ran (a launcher can silently start one)
+    assert "2 processes, train.parallel=ddp" in out.stdout, out.stdout[-2000:]
+    run = recipe["output"]["dir"]
+    _close(one_process["weights"], _weights(run), "checkpoint")
+    _close(one_process["export"], _export(run), "export")
     # both runs trained: LoRA B starts at zero, so equal untrained runs would show zeros here
     for role in ("student", "critic", "ema"):
         assert any(k.startswith(role + "/") and "lora_B" in k and v.abs().max() > 0
-                   for k, v in runs[1].items()), f"the {role} weights never moved"
-    assert [sorted(r) for r in logs[1]] == [sorted(r) for r in logs[2]]
-    for one, two in zip(logs[1], logs[2]):
+                   for k, v in one_process["weights"].items()), f"the {role} weights never moved"
+    logs = _metrics(run)
+    assert [sorted(r) for r in logs] == [sorted(r) for r in one_process["logs"]]
+    for one, two in zip(one_process["logs"], logs):
         for k in one:
             assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-7), k
+
+
+@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
+def test_fsdp_resumes_at_another_process_count(tiny_sd_path, tmp_path, one_process, first,
+                                               second):
+    """FSDP2 sharding (train.parallel=fsdp): 2 steps on `first` processes, then resumed on
+    `second` to step 4, equal the uninterrupted 1-process run (checkpoint and export)."""
+    recipe = tiny_recipe(tiny_sd_path, tmp_path / "run", parallel="fsdp", **STEPS)
+    recipe["train"]["stop_after"] = 2
+    out = _launch(_torchrun(first), recipe, tmp_path, "first")
+    assert out.returncode == 0, out.stderr[-3000:]
+    recipe["train"]["stop_after"] = None
+    out = _launch(_torchrun(second), recipe, tmp_path, "second")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming" in out.stdout and ("2 processes, train.parallel=fsdp" in out.stdout
+                                         or second == 1)
+    run = recipe["output"]["dir"]
+    _close(one_process["weights"], _weights(run), "checkpoint")
+    _close(one_process["export"], _export(run), "export")
 
 
 def test_a_launch_that_starts_one_of_two_processes_is_refused(tiny_sd_path, tmp_path):
