@@ -249,7 +249,9 @@ def build_setup(arch_name: str, setup: str, checkpointing: bool, dtype, device="
     if setup == "plain_lora":
         objective = Denoising(p_uncond=0.0)
     elif setup.startswith("lcm"):
-        objective = LCM(student_times=[1.0])
+        # Flux-dev has no CFG (guidance is an input): LCM's w range is then the plain teacher
+        guided = {"w_min": 0.0, "w_max": 0.0} if arch_name == "flux_dev" else {}
+        objective = LCM(student_times=[1.0], **guided)
     else:
         objective = DMD2(critic_steps=CRITIC_STEPS, guidance=guidance, student_times=[1.0])
     ema = setup in ("dmd2_lora", "dmd2_full")
@@ -284,7 +286,10 @@ def make_batch(run, batch: int, device) -> dict:
     from diffusion_distill.denoiser import Cond
 
     text = {k: torch.randn(batch, *s, device=device) for k, s in run.arch["text"].items()}
-    if run.arch["call"].__name__ != "call_flux_guided":  # Flux-dev: embedded guidance, no CFG
+    if run.arch["call"].__name__ == "call_flux_guided":
+        # Flux-dev's guidance is an input: a plain denoising pass (plain_lora) passes it too
+        text["guidance"] = torch.full((batch,), 3.5, device=device)
+    else:  # Flux-dev: embedded guidance, no CFG
         run.denoiser.uncond = Cond({k: v[:1].clone() for k, v in text.items()})
         for own in (getattr(run.nets, "_denoisers", None) or {}).values():
             own.uncond = run.denoiser.uncond  # each full network's Denoiser (SeparateRoles)

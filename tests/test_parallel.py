@@ -140,3 +140,37 @@ def test_the_launchers_process_count_is_read_from_its_command_line(tmp_path):
                                 str(config), "-m", "x"]) == 8
     assert _launcher_processes(["torchrun", "--nproc_per_node", "2", "-m", "x"]) is None
     assert _launcher_processes(["bash"]) is None
+
+
+def test_a_killed_process_ends_the_run_with_an_error_and_the_rerun_resumes(tiny_sd_path,
+                                                                           tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    recipe = tiny_recipe(tiny_sd_path, tmp_path / "run", steps=40, checkpoint_every=2,
+                         batch_size=4)
+    path = tmp_path / "kill.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    cmd = _torchrun(2) + ["-m", "diffusion_distill.cli", "train", str(path), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    ckpts = os.path.join(recipe["output"]["dir"], "checkpoints")
+    deadline = time.time() + 300
+    while not (os.path.isdir(ckpts) and os.listdir(ckpts)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert os.listdir(ckpts), "no checkpoint was written"
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if p.environ().get("RANK") == "1"]
+    assert workers, "no rank-1 worker found"
+    workers[0].send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)  # the other rank is stopped, never left hanging
+    assert proc.returncode != 0
+    assert "Signal 9 (SIGKILL)" in err or "exitcode  : -9" in err, err[-2000:]
+    last = int(latest_checkpoint(recipe["output"]["dir"]).rsplit("_", 1)[1])
+    recipe["train"]["steps"] = last + 2  # the rerun finishes two steps later
+    out = _launch(_torchrun(2), recipe, tmp_path, "rerun")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"from step {last}" in out.stdout
+    assert int(latest_checkpoint(recipe["output"]["dir"]).rsplit("_", 1)[1]) == last + 2
