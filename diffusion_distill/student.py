@@ -278,6 +278,11 @@ class MixedRoles:
     def is_full(self, role: str) -> bool:
         return role in self.networks
 
+    def rebind_params(self) -> None:
+        """The LoRA roles' parameter lists from the base's current parameters (after FSDP2's
+        ``fully_shard``); the full roles' networks are read on every call."""
+        self.shared.rebind_params()
+
     def params(self, role: str) -> list[nn.Parameter]:
         return self._owner(role).params(role)
 
