@@ -85,6 +85,10 @@ def main(argv=None):
                    help="the TCD LoRA export warm_tcd starts from ({teacher}: sd or sd3); "
                         "made by `ddistill train recipes/tcd_{teacher}.yaml train.steps=300 "
                         "output.dir=runs/tcd_{teacher}`")
+    p.add_argument("--teacher-few-steps", type=int, default=None, metavar="N",
+                   help="also score the teacher's own N-step sampler (CFG 5) against its 50-step "
+                        "samples on this protocol: the bar 'closer to the teacher than its own "
+                        "N-step sampler'")
     add_run_arguments(p, "dmd2_hypotheses", steps=600, eval_every=150)
     a = p.parse_args(argv)
     check_run_arguments(p, a)
@@ -107,6 +111,9 @@ def main(argv=None):
                     "alignment": teacher_row["alignment"]["whole_prompt"],
                     "attributes": _attributes(teacher_row)},
         "runs": {}}
+    if a.teacher_few_steps:
+        result["teacher"][f"fd_teacher_at_{a.teacher_few_steps}_steps"] = _teacher_few_steps(
+            a, protocol)
     result["runs"] = _earlier_runs(out, a)  # runs of other hypotheses from an earlier call stay
     for name in a.only:
         if name in FROM_FULL:
@@ -141,6 +148,25 @@ def main(argv=None):
     _plot(result, out[:-len(".json")] + ".png")
     print(f"[hypotheses] -> {out}")
     return 0
+
+
+def _teacher_few_steps(a, protocol) -> float:
+    """FD between the teacher's own N-step samples and its 50-step ones (same prompts, seeds)."""
+    from diffusion_distill.build import build_teacher
+    from diffusion_distill.eval.evaluate import fd_to
+    from diffusion_distill.eval.in_training import InTrainingEval
+    from diffusion_distill.eval.protocol import evaluate_loaded, load_model
+    from diffusion_distill.recipe import load_recipe
+
+    recipe = load_recipe(os.path.join(ROOT, "recipes", f"dmd2_{a.teacher}.yaml"))
+    row, _ = evaluate_loaded(load_model(f"embedded:{a.teacher}"), protocol,
+                             steps=a.teacher_few_steps, guidance=TEACHER_GUIDANCE,
+                             progress=False, return_features=True)
+    reference = InTrainingEval(build_teacher(recipe), recipe, protocol).teacher_features()
+    fd = fd_to(reference, row.pop("features"))
+    print(f"[hypotheses] teacher {a.teacher} at {a.teacher_few_steps} steps: FD to its 50-step "
+          f"samples {fd:.1f}", flush=True)
+    return fd
 
 
 def _from_full(a, name, protocol, teacher_row) -> dict:
