@@ -202,8 +202,10 @@ class ShardedRun:
         self.mesh = init_device_mesh(torch.device(device).type, shape, mesh_dim_names=names)
         roles = nets.roles
         shared = getattr(roles, "backbone", None)
-        self.modules = [shared] if shared is not None else \
-            list(dict.fromkeys(roles.networks.values()))
+        # the shared base (LoRA roles) and every whole network of its own (all roles of a full
+        # run; a full critic beside LoRA students, critic.mode: full)
+        self.modules = ([shared] if shared is not None else []) + [
+            m for m in dict.fromkeys(getattr(roles, "networks", {}).values()) if m is not shared]
         for module in self.modules:
             if parallel == "ddp" and not repeated_blocks(module):
                 fully_shard(module, mesh=self.mesh)  # a user's network: one unit, replicated

@@ -174,3 +174,18 @@ def test_a_killed_process_ends_the_run_with_an_error_and_the_rerun_resumes(tiny_
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"from step {last}" in out.stdout
     assert int(latest_checkpoint(recipe["output"]["dir"]).rsplit("_", 1)[1]) == last + 2
+
+
+def test_a_full_critic_beside_a_lora_student_is_averaged_too(tiny_sd_path, tmp_path):
+    """critic.mode=full next to LoRA roles: the whole critic network is under FSDP2 as well,
+    so 2 processes give the 1-process weights. Catches: only the shared base sharded (the
+    critic's gradients would stay each process's own half-batch mean)."""
+    runs = {}
+    for n in (1, 2):
+        recipe = tiny_recipe(tiny_sd_path, tmp_path / f"run{n}", **STEPS)
+        recipe["critic"] = {"mode": "full"}
+        out = _launch(_torchrun(n), recipe, tmp_path, f"p{n}")
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[n] = _weights(recipe["output"]["dir"])
+    assert any(k.startswith("critic/") and "lora_" not in k for k in runs[1])
+    _close(runs[1], runs[2], "checkpoint")
