@@ -189,3 +189,25 @@ def test_a_full_critic_beside_a_lora_student_is_averaged_too(tiny_sd_path, tmp_p
         runs[n] = _weights(recipe["output"]["dir"])
     assert any(k.startswith("critic/") and "lora_" not in k for k in runs[1])
     _close(runs[1], runs[2], "checkpoint")
+
+
+@pytest.mark.parametrize("method,student", [("sid", {"mode": "full", "num_steps": 1})])
+def test_fsdp_with_full_networks_on_a_flow_teacher_matches_one_process(tiny_sd3_path, tmp_path,
+                                                                      method, student):
+    """FSDP2 over whole networks (student.mode=full: student, critic and EMA copies beside the
+    teacher, each sharded with its AdamW state) on an SD3-style teacher: 2 processes equal
+    one (checkpoint and logged values)."""
+    runs, logs = {}, {}
+    for n in (1, 2):
+        recipe = tiny_recipe(tiny_sd3_path, tmp_path / f"p{n}", method={"name": method},
+                             parallel="fsdp", steps=2, checkpoint_every=2, batch_size=4)
+        recipe["student"].update(student)
+        recipe["output"]["export"] = False
+        out = _launch(_torchrun(n), recipe, tmp_path, f"p{n}")
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[n] = _weights(recipe["output"]["dir"])
+        logs[n] = _metrics(recipe["output"]["dir"])
+    _close(runs[1], runs[2], "checkpoint")
+    assert any(k.startswith("student/") for k in runs[1])
+    for one, two in zip(logs[1], logs[2]):
+        assert two == pytest.approx(one, rel=1e-5, abs=1e-7)
