@@ -10,11 +10,14 @@ from diffusion_distill.world.toy2d import MLPDenoiser
 class EDMMLP(torch.nn.Module):
     """The toy MLP behind EDM's preconditioning, ``x0 = c_skip x_t + c_out F(c_in x_t, t)``
     written with alpha, sigma so it is finite at t = 0 and at flow's t = 1 (ECT's network:
-    its error at small noise shrinks with the noise, which its 1/s^2 weighting assumes)."""
+    its error at small noise shrinks with the noise, which its 1/s^2 weighting assumes). With
+    ``sigma_data`` the data's it is sCM's TrigFlow parameterisation ``f = cos(s) x - sin(s) sd F``
+    (``x0 -> x_t / alpha`` as sigma -> 0: the boundary condition)."""
 
-    def __init__(self, schedule, sigma_data=1.4):
+    def __init__(self, schedule, sigma_data=1.4, max_frequency=100.0):
         super().__init__()
-        self.schedule, self.sd, self.mlp = schedule, sigma_data, MLPDenoiser()
+        self.schedule, self.sd = schedule, sigma_data
+        self.mlp = MLPDenoiser(max_frequency=max_frequency)
 
     def forward(self, x_t, t, cond=None):
         alpha, sigma = (v[:, None] for v in self.schedule.alpha_sigma(t))

@@ -42,13 +42,21 @@ class GaussianMixtureDenoiser(nn.Module):
 
 
 class MLPDenoiser(nn.Module):
-    """A small time-conditioned MLP predicting x0: the toy student and critic."""
+    """A small time-conditioned MLP predicting x0: the toy student and critic.
 
-    def __init__(self, width: int = 128, dim: int = 2):
+    ``max_frequency``: the highest of its 8 sinusoidal time frequencies (on t in [0, 1], a
+    factor 100 apart). 100, the default, is about EDM's Fourier scale 16 times 2 pi;
+    continuous-time consistency (sCM) needs a low one (its paper's "stable time-conditioning":
+    the tangent carries df/dt, which such features multiply by up to 100; see
+    docs/consistency.md, the sCM diagnosis)."""
+
+    def __init__(self, width: int = 128, dim: int = 2, max_frequency: float = 100.0):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(dim + 16, width), nn.SiLU(), nn.Linear(width, width),
                                  nn.SiLU(), nn.Linear(width, dim))
-        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(100), 8)))
+        # 8 frequencies spaced geometrically over a factor 100, the highest max_frequency
+        freqs = torch.exp(torch.linspace(0, math.log(100), 8)) * (max_frequency / 100)
+        self.register_buffer("freqs", freqs)
 
     def forward(self, x_t, t, cond=None):
         angles = t[:, None] * self.freqs[None]
