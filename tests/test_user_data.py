@@ -143,9 +143,10 @@ def test_scm_reaches_the_data_with_a_network_that_meets_its_papers_conditions(sc
     the continuous-time loss never states) and stable time-conditioning (low time frequencies:
     the tangent carries df/dt). Measured: flow 0.0174 (2 steps 0.0187), VP 0.0184 (teacher
     0.0051); the same run with the toy's default time features (frequencies to 100) 0.87, the
-    plain ``x_t + MLP`` 1.10 (its f(x, 0) drifts 1.8 from x). Catches a tangent that is not
-    df/ds along the teacher's PF-ODE (e.g. df/du not divided by ds/du, or its sign), a wrong
-    TrigFlow time map, and a ``data=`` that does not reach sCM's x0."""
+    plain ``x_t + MLP`` 1.10 (its f(x, 0) drifts 1.8 from x). Catches a tangent of the wrong
+    sign (measured 116,482) and sCM failing to train through ``train(data=)``; not a
+    per-sample scale of the tangent (a missing ds/du: the l2 normalisation removes it, 0.0123
+    measured)."""
     from consistency_helpers import EDMMLP
 
     method = {"name": "scm", "sigma_data": 1.4}
