@@ -141,12 +141,12 @@ def test_scm_reaches_the_data_with_a_network_that_meets_its_papers_conditions(sc
     lr 1e-3. Its paper's two conditions on the network (docs/consistency.md, sCM diagnosis):
     the TrigFlow parameterisation (x0 -> x_t / alpha as sigma -> 0, the boundary condition
     the continuous-time loss never states) and stable time-conditioning (low time frequencies:
-    the tangent carries df/dt). Measured: flow 0.0174 (2 steps 0.0187), VP 0.0184 (teacher
-    0.0051); the same run with the toy's default time features (frequencies to 100) 0.87, the
-    plain ``x_t + MLP`` 1.10 (its f(x, 0) drifts 1.8 from x). Catches a tangent of the wrong
-    sign (measured 116,482) and sCM failing to train through ``train(data=)``; not a
-    per-sample scale of the tangent (a missing ds/du: the l2 normalisation removes it, 0.0123
-    measured)."""
+    the tangent carries df/dt). Measured: flow 0.0183 (2 steps 0.0117), VP 0.0148 (teacher
+    0.0051); the same run with the toy's default time features (frequencies to 100) 0.744,
+    the plain ``x_t + MLP`` 0.108, worst mode share 0.34 (its f(x, 0) drifts 1.3 from x).
+    Catches a tangent of the wrong sign (measured 116,482) and sCM failing to train through
+    ``train(data=)``; not a per-sample scale of the tangent (a missing ds/du: the l2
+    normalisation removes it, 0.0123 measured)."""
     from consistency_helpers import EDMMLP
 
     method = {"name": "scm", "sigma_data": 1.4}
