@@ -541,9 +541,12 @@ def table(out) -> str:
                         continue
                     gbs = [("" if g is None else "err" if "error" in g else
                             f"{g['planned_peak_gb']:.1f}") for g in got]
-                    fits = next((f"{w} GPU{'s' if w > 1 else ''}" for w, g in zip(WORLDS, got)
+                    fits = next((("<= " if any(not x or "error" in x for x in got[:i]) else "")
+                                 + f"{w} GPU{'s' if w > 1 else ''}"
+                                 for i, (w, g) in enumerate(zip(WORLDS, got))
                                  if g and g.get("fits_80gb")),
-                                "no (> 8)" if got[-1] and "error" not in got[-1] else "?")
+                                "no (> 8)" if got[-1] and "error" not in got[-1] else
+                                "still to plan")
                     rows.append(f"| {a} | {s} | {b} | {'on' if ck == 'ckpt' else 'off'} | "
                                 + " | ".join(gbs) + f" | {fits} |")
     return "\n".join(rows)
