@@ -13,6 +13,11 @@ curve).
     python benchmarks/dmd2_hypotheses.py --teacher sd3 --steps 600
     python benchmarks/dmd2_hypotheses.py --teacher sd --only baseline critic_lr
 
+Round two (issue 27): ``lora_student_full_critic``, ``regression_0.25``, ``warm_tcd`` (needs
+``--tcd-export``), and ``full_lora_16`` / ``full_lora_64``, which are no training run: the
+finished ``full`` run's student exported with ``--lora-rank`` and scored through plain
+diffusers. ``--teacher-few-steps 4`` adds the teacher's own 4-step FD to its 50-step samples.
+
 Writes ``benchmarks/results/dmd2_hypotheses_<teacher>.json`` and a plot beside it. Distances
 are in EfficientNet-Lite0 ImageNet feature space (128 px): NOT Inception FIDs.
 """
