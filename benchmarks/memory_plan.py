@@ -251,7 +251,7 @@ def build_setup(arch_name: str, setup: str, checkpointing: bool, dtype, device="
     elif setup.startswith("lcm"):
         # Flux-dev has no CFG (guidance is an input): LCM's w range is then the plain teacher
         guided = {"w_min": 0.0, "w_max": 0.0} if arch_name == "flux_dev" else {}
-        objective = LCM(student_times=[1.0], **guided)
+        objective = LCM(**guided)
     else:
         objective = DMD2(critic_steps=CRITIC_STEPS, guidance=guidance, student_times=[1.0])
     ema = setup in ("dmd2_lora", "dmd2_full")

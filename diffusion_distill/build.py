@@ -9,10 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .objectives import Objective, build_objective
+from .objectives import Objective, build_objective, student_context
 from .recipe import load_recipe
-from .samplers import on_teacher_grid
-from .schedules import student_timesteps
 from .student import MixedRoles, Nets, SeparateRoles, SharedBaseRoles
 
 # train.base_dtype -> the frozen base's weights (teacher backbone, VAE, text encoders)
@@ -120,15 +118,6 @@ def role_modes(recipe, objective: Objective) -> dict[str, str]:
     return modes
 
 
-def student_times(recipe, teacher) -> list[float]:
-    """The recipe's student times (``student.timesteps``, else ``student.num_steps`` evenly
-    spaced), highest first, on the teacher's grid (``samplers.on_teacher_grid``). An objective
-    whose sampler has times of its own refuses explicit ones when the recipe loads."""
-    s = recipe["student"]
-    times = s["timesteps"] or student_timesteps(s["num_steps"], teacher.schedule)
-    return on_teacher_grid(times, teacher)
-
-
 def setup_run(recipe: dict, device="cpu", teacher=None, networks=None):
     """(teacher, objective, nets) for a resolved recipe: what training and export share.
 
@@ -137,8 +126,8 @@ def setup_run(recipe: dict, device="cpu", teacher=None, networks=None):
     """
     teacher = build_teacher(recipe, device) if teacher is None else \
         cast_base(teacher, recipe["train"]["base_dtype"]).to(device)
-    objective = build_objective(recipe["method"], student_times=student_times(recipe, teacher),
-                                total_steps=recipe["train"]["steps"])
+    # the objective makes its student's times (the recipe's explicit ones, or its defaults)
+    objective = build_objective(recipe["method"], teacher, **student_context(recipe))
     nets = build_nets(recipe, teacher, objective, networks)
     from .acceleration import apply_to_run
 

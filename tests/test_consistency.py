@@ -148,7 +148,7 @@ def test_plain_diffusers_reproduces_the_student(family, method, steps, scheduler
     else:
         path = tiny_sd_path if family == "sd" else tiny_sd3_path
     run_dir, nets = _run(path, tmp_path, method)
-    objective = build_objective(method, student_times=[1.0])
+    objective = build_objective(method)
     export = os.path.join(run_dir, "export")
     with open(os.path.join(export, "distill_config.json")) as f:
         config = json.load(f)
@@ -187,11 +187,11 @@ def test_lcm_with_an_ema_target_trains(tiny_sd_path, tmp_path):
 def test_step_counts_the_export_cannot_serve_are_refused(tiny_sd_path, tmp_path):
     from diffusion_distill.student_pipeline import load_student
 
-    lcm = build_objective({"name": "lcm"}, student_times=[1.0])
+    lcm = build_objective({"name": "lcm"})
     assert lcm.servable_steps() == [1, 2, 4, 8]
     with pytest.raises(ValueError, match=r"\[1, 2, 4, 8\]"):
         lcm.sampler(3)
-    pcm = build_objective({"name": "pcm", "phases": 2}, student_times=[1.0])
+    pcm = build_objective({"name": "pcm", "phases": 2})
     assert pcm.servable_steps() == [2, 4, 6, 8]
     with pytest.raises(ValueError, match=r"\[2, 4, 6, 8\]"):
         pcm.sampler(3)
@@ -207,12 +207,11 @@ def test_tcd_on_a_flow_teacher_exports_only_gamma_0_or_1(tiny_sd3_path):
     from diffusion_distill.build import build_teacher
 
     teacher = build_teacher(load_recipe({"teacher": {"path": tiny_sd3_path}}))
-    tcd = build_objective({"name": "tcd", "gamma": 0.3}, student_times=[1.0])
+    tcd = build_objective({"name": "tcd", "gamma": 0.3})
     with pytest.raises(ValueError, match="gamma"):
         tcd.sampler(2).render(teacher)
     for gamma, stochastic in ((0.0, False), (1.0, True)):
-        rendered = build_objective({"name": "tcd", "gamma": gamma},
-                                   student_times=[1.0]).sampler(2).render(teacher)
+        rendered = build_objective({"name": "tcd", "gamma": gamma}).sampler(2).render(teacher)
         assert rendered["scheduler"]["config"]["stochastic_sampling"] is stochastic
 
 
@@ -227,7 +226,7 @@ def test_recipes_load():
         recipe = load_recipe(find_recipe(os.path.join(root, name + ".yaml")))
         if name.startswith("hub/"):  # hub teachers cannot be downloaded here
             objective = build_objective(recipe["method"], total_steps=recipe["train"]["steps"],
-                                        student_times=[1.0] * recipe["student"]["num_steps"])
+                                        student_steps=recipe["student"]["num_steps"])
         else:
             _, objective, nets = setup_run(recipe)
             assert nets.params("student")

@@ -6,8 +6,7 @@ import pytest
 import torch
 from conftest import tiny_recipe
 
-from diffusion_distill.build import student_times
-from diffusion_distill.objectives import build_objective
+from diffusion_distill.objectives import Objective, build_objective, student_context
 from diffusion_distill.recipe import load_recipe
 from diffusion_distill.student import generate
 from diffusion_distill.student_pipeline import load_student
@@ -23,8 +22,8 @@ def test_plain_diffusers_reproduces_student(family, steps, method, tiny_sd_path,
                          steps=2)
     recipe["student"]["num_steps"] = steps
     run_dir, nets = train(recipe, progress=False, return_nets=True)
-    sampler = build_objective(recipe["method"], student_times=student_times(
-        load_recipe(recipe), nets.teacher_model)).sampler()
+    sampler = build_objective(recipe["method"], nets.teacher_model,
+                                **student_context(load_recipe(recipe))).sampler()
     export = os.path.join(run_dir, "export")
     with open(os.path.join(export, "distill_config.json")) as f:
         config = json.load(f)
@@ -148,3 +147,38 @@ def test_explicit_student_times_reach_the_export_or_are_refused(tiny_sd_path, tm
         assert config["sampler"]["times"] == snapped, name
     # the consistency methods sample on their solver's grid: only the count is theirs to take
     assert refused == {"lcm", "tcd", "pcm"}
+
+
+class UnevenTimes(Objective):
+    """A user family whose paper samples a count at times of its own (not evenly spaced)."""
+
+    def __init__(self, student_times=None, student_steps=1):
+        self.student_times = self.own_times(student_times, student_steps)
+
+    def default_times(self, num_steps):
+        return [1.0, 0.3, 0.1][:num_steps]
+
+
+def test_the_objective_makes_its_students_times(tiny_sd_path, tmp_path):
+    """The run hands the objective the recipe's count and the objective's ``default_times``
+    make the times, snapped once to the teacher's grid, and they reach the export. Catches
+    build.py making the times itself (evenly spaced: [1.0, 0.5] reached this objective), a
+    missing snap (0.3 is not a DDPM step) and a method with times of its own that drops given
+    times when built outside recipe loading."""
+    from diffusion_distill.build import setup_run
+    from diffusion_distill.export import export_nets
+
+    raw = tiny_recipe(tiny_sd_path, tmp_path / "run", method={"name": f"{__name__}:UnevenTimes"},
+                      steps=2)
+    raw["student"]["num_steps"] = 2
+    recipe = load_recipe(raw)
+    teacher, objective, nets = setup_run(recipe)
+    snapped = [1.0, round(0.3 * 999) / 999]
+    assert objective.sampler().times == snapped
+    out = export_nets(nets, teacher, recipe, str(tmp_path / "export"), objective=objective)
+    with open(os.path.join(out, "distill_config.json")) as f:
+        assert json.load(f)["student_times"] == snapped
+    with pytest.raises(ValueError, match="cannot be honoured"):
+        build_objective({"name": "lcm"}, student_times=[1.0, 0.6], student_steps=2)
+    assert build_objective({"name": "lcm"}, student_steps=2).student_times == \
+        build_objective({"name": "lcm"}).default_times(2)

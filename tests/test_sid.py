@@ -13,7 +13,7 @@ from conftest import tiny_recipe
 
 from diffusion_distill.batches import Batches
 from diffusion_distill.build import setup_run
-from diffusion_distill.objectives import build_objective
+from diffusion_distill.objectives import build_objective, student_context
 from diffusion_distill.objectives.sid import NonFiniteBatchError, SiD, guidance_scales
 from diffusion_distill.recipe import load_recipe
 from diffusion_distill.samplers import seeded_global_rng
@@ -186,7 +186,9 @@ def test_guidance_presets_and_overrides():
     with pytest.raises(ValueError, match="kappa3"):
         SiD(kappa2=1.0, kappa3=2.0)
     # t_init: SiD-LSG's fixed generation time, and its K-step schedule t_init (1 - i / K)
-    assert SiD(t_init=0.6256, student_times=[1.0, 0.5]).student_times == [0.6256, 0.3128]
+    assert SiD(t_init=0.6256, student_steps=2).student_times == [0.6256, 0.3128]
+    with pytest.raises(ValueError, match="t_init"):  # given times refused, never dropped
+        SiD(t_init=0.6256, student_times=[1.0, 0.5])
 
 
 def test_each_scale_reaches_its_network(tiny_sd_path, tmp_path):
@@ -219,7 +221,6 @@ def test_sid_trains_exports_and_plain_diffusers_reproduces_it(family, tiny_sd_pa
                                                               tiny_sd3_path, tmp_path):
     import diffusers
 
-    from diffusion_distill.build import student_times
 
     method = {"name": "sid", "t_init": 0.6256 if family == "sd" else 0.8, "guidance": "lsg",
               "guidance_scale": 2.0}
@@ -242,8 +243,8 @@ def test_sid_trains_exports_and_plain_diffusers_reproduces_it(family, tiny_sd_pa
     else:
         assert config["call"]["sigmas"] == pytest.approx([0.8, 0.4])
 
-    sampler = build_objective(recipe["method"], student_times=student_times(
-        load_recipe(recipe), nets.teacher_model)).sampler()
+    sampler = build_objective(recipe["method"], nets.teacher_model,
+                              **student_context(load_recipe(recipe))).sampler()
     prompts = ["a red circle", "two green triangles"]
     ours = generate(nets, prompts, sampler, [torch.Generator().manual_seed(s) for s in (1, 2)])
     # the tiny SD3 has no T5 encoder: say so, as for any SD3 saved without one
@@ -265,8 +266,8 @@ def test_sid_trains_exports_and_plain_diffusers_reproduces_it(family, tiny_sd_pa
     # few-step SiD: the same export serves 1 step (its first time, step 1's output), and
     # plain diffusers reproduces that too from the export's own entry for it
     assert sorted(config["steps"]) == ["1", "2"]
-    one = build_objective(recipe["method"], student_times=student_times(
-        load_recipe(recipe), nets.teacher_model)).sampler(1)
+    one = build_objective(recipe["method"], nets.teacher_model,
+                              **student_context(load_recipe(recipe))).sampler(1)
     ours_1 = generate(nets, prompts, one, [torch.Generator().manual_seed(s) for s in (1, 2)])
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
     with seeded_global_rng(gens if family == "sd3" else None):
@@ -298,6 +299,6 @@ def test_sida_trains_its_gan_head_on_real_data(tiny_sd_path, tmp_path):
                                   "hub/sid_sd15"])
 def test_recipes_load(name):
     recipe = load_recipe(name)
-    objective = build_objective(recipe["method"], student_times=[1.0])
+    objective = build_objective(recipe["method"], **student_context(recipe))
     assert objective.roles == ("student", "critic")
     assert recipe["method"]["name"] in ("sid", "sida")

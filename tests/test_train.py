@@ -13,7 +13,7 @@ from conftest import tiny_recipe
 from safetensors.torch import load_file
 
 from diffusion_distill.checkpoint import latest_checkpoint, list_checkpoints
-from diffusion_distill.objectives import Objective, build_objective
+from diffusion_distill.objectives import Objective, build_objective, student_context
 from diffusion_distill.recipe import RecipeError, load_recipe
 from diffusion_distill.step import NonFiniteLossError
 from diffusion_distill.train import train
@@ -75,7 +75,7 @@ def test_every_recipe_instantiates(path, tiny_family_paths):
         recipe["teacher"]["path"] = tiny_family_paths[family[0]]
         recipe["train"].update(device="cpu", mixed_precision="no")
     _, objective, nets = setup_run(recipe)
-    assert objective.roles == build_objective(recipe["method"], student_times=[1.0]).roles \
+    assert objective.roles == build_objective(recipe["method"], **student_context(recipe)).roles \
         or recipe["method"]["name"] == "phased_dmd"  # phased: a role per student step
     assert all(len(nets.params(r)) > 0 for r in objective.roles)
 
@@ -198,7 +198,7 @@ def test_a_source_without_images_is_refused_with_the_objectives_reason():
     gan = build_objective({"name": "dmd2", "gan_weight": 0.1})
     with pytest.raises(ValueError, match=r"prompts.*gan_weight=0.1 > 0.*gan_weight=0"):
         Batches(recipe, None, gan)
-    lcm = build_objective({"name": "lcm"}, student_times=[1.0])
+    lcm = build_objective({"name": "lcm"})
     with pytest.raises(ValueError, match="LCM trains on real images") as refused:
         Batches(recipe, None, lcm)
     assert "gan_weight" not in str(refused.value)

@@ -68,7 +68,7 @@ def test_consistency_students_reach_the_data_from_the_users_samples(method, sche
         _, nets = train(_recipe(method, out, num_steps=num_steps), progress=False,
                         teacher=teacher, networks={"student": MLPDenoiser()}, data=x0,
                         return_nets=True)
-    objective = build_objective(method, student_times=[1.0] * num_steps)
+    objective = build_objective(method, student_steps=num_steps)
     reference = teacher.sample([""] * 1000, steps=50, generator=torch.Generator().manual_seed(2))
     teacher_ed, _ = _score(reference, data)
     for n in sample:
@@ -97,7 +97,7 @@ def test_users_samples_and_labels_are_checked_and_batched():
     batches carry the user's x0 and, when given, their labels as the prompts."""
     teacher = toy_teacher(schedule="flow")
     recipe = load_recipe(_recipe({"name": "lcm", **NO_CFG}, "/nonexistent"))
-    lcm = build_objective({"name": "lcm", **NO_CFG}, student_times=[1.0])
+    lcm = build_objective({"name": "lcm", **NO_CFG})
     with pytest.raises(ValueError, match=r"shape \(3,\).*\(2,\).*\(N, 2\)"):
         Batches(recipe, teacher, lcm, torch.zeros(10, 3))
     with pytest.raises(ValueError, match="10 samples but 9 prompts"):

@@ -17,7 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from ..samplers import StudentSampler
+from ..samplers import StudentSampler, on_teacher_grid
+from ..schedules import student_timesteps
 
 
 @dataclass(frozen=True)
@@ -109,15 +110,23 @@ def counts(none: bool = True) -> Option:
         none)
 
 
-# Constructor arguments the loop supplies from the recipe (student.num_steps /
-# student.timesteps, train.steps): never options a recipe sets in its method section.
-CONTEXT = ("student_times", "total_steps")
+# Constructor arguments the loop supplies from the recipe (student.num_steps or the count of
+# student.timesteps, the explicit student.timesteps or None, train.steps): never options a
+# recipe sets in its method section.
+CONTEXT = ("student_steps", "student_times", "total_steps")
 
 
 def recipe_student_steps(recipe: dict) -> int:
     """The student's step count a recipe asks for (its explicit times, else num_steps)."""
     student = recipe["student"]
     return len(student["timesteps"]) if student.get("timesteps") else student["num_steps"]
+
+
+def student_context(recipe: dict) -> dict:
+    """The ``CONTEXT`` a resolved recipe gives :func:`build_objective`."""
+    return {"student_steps": recipe_student_steps(recipe),
+            "student_times": recipe["student"].get("timesteps") or None,
+            "total_steps": recipe["train"]["steps"]}
 
 
 def time_range_problems(o: dict):
@@ -149,7 +158,9 @@ class Objective:
     name: str | None = None  # the recipe's method.name for the shipped methods
     roles: tuple[str, ...] = ("student",)
     needs_data: bool = False
-    # set by build_objective from the recipe (student.num_steps / student.timesteps)
+    # the student's times, highest first: the recipe's student.timesteps where the objective
+    # accepts them, else its own default_times(student.num_steps); build_objective puts them
+    # on the teacher's grid
     student_times: list[float] | None = None
     # {option: Option}: every constructor argument a recipe may set, with its values. The
     # recipe loader checks them (and :meth:`plan`) before any work; a dotted user objective
@@ -190,6 +201,17 @@ class Objective:
         if role == "student":
             return RoleSettings(lr="lr", ema=True)
         return RoleSettings(lr="lr_critic", ema=False)
+
+    def default_times(self, num_steps: int) -> list[float]:
+        """The student's times for ``num_steps`` when the recipe names none, highest first.
+
+        Default: evenly spaced from pure noise (DMD2's choice). A family whose paper samples
+        on another grid overrides it (the consistency solver grid, SiD's ``t_init``)."""
+        return student_timesteps(num_steps)
+
+    def own_times(self, student_times, student_steps) -> list[float]:
+        """The times a constructor keeps: the recipe's explicit ones, else its defaults."""
+        return list(student_times) if student_times else self.default_times(student_steps or 1)
 
     def servable_steps(self) -> list[int]:
         """The step counts one trained student can be sampled with (default: its own)."""
@@ -287,10 +309,13 @@ def option_problems(method: dict, recipe: dict):
         yield key if "." in key else f"method.{key}", value, allowed
 
 
-def build_objective(method: dict, **context) -> Objective:
+def build_objective(method: dict, teacher=None, **context) -> Objective:
     """Instantiate ``method.name`` with the section's other keys as arguments.
 
-    ``context`` (e.g. ``num_student_steps``) is passed where the constructor asks for it.
+    ``context`` (``CONTEXT``: ``student_steps``, ``student_times``, ``total_steps``) is passed
+    where the constructor asks for it. The objective makes its own times
+    (:meth:`Objective.own_times`); with ``teacher`` they are put on its grid
+    (``samplers.on_teacher_grid``, the one snapping place).
     """
     kwargs = {k: v for k, v in method.items() if k != "name"}
     cls = resolve(method["name"])
@@ -304,6 +329,14 @@ def build_objective(method: dict, **context) -> Objective:
         if key in params and key not in kwargs:
             kwargs[key] = value
     objective = cls(**kwargs)
-    if objective.student_times is None and context.get("student_times") is not None:
-        objective.student_times = list(context["student_times"])
+    given = context.get("student_times")
+    if objective.student_times is None:  # e.g. a user objective that takes no times
+        objective.student_times = objective.own_times(given, context.get("student_steps"))
+    elif given and "student_times" not in params:  # refused, never dropped
+        raise ValueError(f"method {method['name']!r} samples at times of its own "
+                         f"({objective.student_times}), so student.timesteps={list(given)} "
+                         f"cannot be honoured; set student.timesteps to null and "
+                         f"student.num_steps to {len(given)}")
+    if teacher is not None:
+        objective.student_times = on_teacher_grid(objective.student_times, teacher)
     return objective

@@ -18,7 +18,6 @@ from torch import nn
 from ..denoiser import ddim_step
 from ..parameterization import add_noise, from_x0
 from ..samplers import StudentSampler
-from ..schedules import student_timesteps
 
 
 def mean_per_sample(x: torch.Tensor) -> torch.Tensor:
@@ -246,11 +245,11 @@ class seeded:
 
 class AnyStepCount:
     """For a consistency function sampled by its default rule (x0, then fresh noise to the next
-    time): one student serves any step count, on evenly spaced times, besides its training
+    time): one student serves any step count, on its ``default_times``, besides its training
     times. ``sample_steps``: the counts its export declares (default 1, 2, 4, 8)."""
 
-    def _serve(self, student_times, sample_steps=None):
-        self.student_times = list(student_times or [1.0])
+    def _serve(self, student_times, student_steps, sample_steps=None):
+        self.student_times = self.own_times(student_times, student_steps)
         self._servable = sorted(set(sample_steps or [1, 2, 4, 8]) | {len(self.student_times)})
 
     def servable_steps(self):
@@ -260,4 +259,4 @@ class AnyStepCount:
         self._check_steps(num_steps)
         if num_steps is None or num_steps == len(self.student_times):
             return StudentSampler(self.student_times)
-        return StudentSampler(student_timesteps(num_steps))
+        return StudentSampler(self.default_times(num_steps))

@@ -281,7 +281,7 @@ class _ConsistencyDistillation(Objective):
     def __init__(self, solver_steps: int = 50, w_min: float = 3.0, w_max: float = 15.0,
                  target: str = "student", loss: str = "l2", huber_c: float = 0.001,
                  sample_steps: list[int] | None = None, num_train_timesteps: int = 1000,
-                 student_times: list[float] | None = None, total_steps: int | None = None,
+                 student_steps: int = 1, total_steps: int | None = None,
                  *, target_decay: float = 0.95, trained_steps: int | None = None):
         if target not in ("momentum", "student", "ema"):
             raise ValueError(f"target must be 'momentum' (the papers' target network, an EMA "
@@ -299,13 +299,18 @@ class _ConsistencyDistillation(Objective):
         self.grid = SolverGrid(solver_steps, num_train_timesteps)
         self.w_min, self.w_max = float(w_min), float(w_max)
         self.target, self.loss, self.huber_c = target, loss, float(huber_c)
-        # the count alone: the times are the grid's (explicit times are refused in plan)
-        self.trained_steps = trained_steps or (len(student_times) if student_times else 1)
+        # the count alone: the times are the grid's (explicit times are refused in plan, and
+        # by build_objective: this constructor takes none)
+        self.trained_steps = trained_steps or student_steps
         steps = sorted(set(sample_steps or DEFAULT_STEPS) | {self.trained_steps})
         self._servable = [n for n in steps if n <= self.grid.steps]
-        self.student_times = self.grid.inference(self.trained_steps)
+        self.student_times = self.default_times(self.trained_steps)
 
     # -- contract -------------------------------------------------------------------------
+    def default_times(self, num_steps):
+        # the stock scheduler's default schedule for the count, on the solver's grid
+        return self.grid.inference(num_steps)
+
     def servable_steps(self):
         return list(self._servable)
 
@@ -401,10 +406,10 @@ class LCM(_ConsistencyDistillation):
                  target: str = "student", loss: str = "l2", huber_c: float = 0.001,
                  sigma_data: float = 0.5, timestep_scaling: float = 10.0,
                  sample_steps: list[int] | None = None, num_train_timesteps: int = 1000,
-                 student_times: list[float] | None = None, total_steps: int | None = None,
+                 student_steps: int = 1, total_steps: int | None = None,
                  target_decay: float = 0.95):
         super().__init__(solver_steps, w_min, w_max, target, loss, huber_c, sample_steps,
-                         num_train_timesteps, student_times, total_steps,
+                         num_train_timesteps, student_steps, total_steps,
                          target_decay=target_decay)
         self.sigma_data, self.timestep_scaling = sigma_data, timestep_scaling
 
@@ -437,10 +442,10 @@ class TCD(_ConsistencyDistillation):
     def __init__(self, gamma: float = 0.3, solver_steps: int = 50, w_min: float = 3.0,
                  w_max: float = 15.0, target: str = "student", loss: str = "l2",
                  huber_c: float = 0.001, sample_steps: list[int] | None = None,
-                 num_train_timesteps: int = 1000, student_times: list[float] | None = None,
+                 num_train_timesteps: int = 1000, student_steps: int = 1,
                  total_steps: int | None = None, target_decay: float = 0.95):
         super().__init__(solver_steps, w_min, w_max, target, loss, huber_c,
-                         sample_steps or list(range(1, 9)), num_train_timesteps, student_times,
+                         sample_steps or list(range(1, 9)), num_train_timesteps, student_steps,
                          total_steps, target_decay=target_decay)
         TCDSampler([1.0], self.grid, gamma)  # checks gamma
         self.gamma = float(gamma)
@@ -504,14 +509,14 @@ class PCM(_ConsistencyDistillation):
     def __init__(self, phases: int | None = None, solver_steps: int = 50, w_min: float = 3.0,
                  w_max: float = 15.0, target: str = "student", loss: str = "huber",
                  huber_c: float = 0.001, num_train_timesteps: int = 1000,
-                 student_times: list[float] | None = None, total_steps: int | None = None,
+                 student_steps: int = 1, total_steps: int | None = None,
                  target_decay: float = 0.95):
-        k = int(phases or (len(student_times) if student_times else 1))
+        k = int(phases or student_steps)
         if k < 1:
             raise ValueError(f"phases must be >= 1, got {phases}")
         super().__init__(solver_steps, w_min, w_max, target, loss, huber_c,
                          list(range(k, max(8, k) + 1, k)), num_train_timesteps,
-                         student_times, total_steps, target_decay=target_decay,
+                         student_steps, total_steps, target_decay=target_decay,
                          trained_steps=k)
         self.phases = k
         self._servable = [n for n in self._servable if n % k == 0]
@@ -575,7 +580,8 @@ class ECT(AnyStepCount, Objective):
                  q: float = 4.0, k: float = 8.0, b: float = 1.0, stage_every: int | None = None,
                  huber_c: float | None = None, sample_steps: list[int] | None = None,
                  student_times: list[float] | None = None, total_steps: int | None = None,
-                 weighting: str = "snr", target: str = "student", target_decay: float = 0.95):
+                 weighting: str = "snr", target: str = "student", target_decay: float = 0.95,
+                 student_steps: int = 1):
         if q <= 1:
             raise ValueError(f"q must be > 1 (each stage divides s - r by q), got {q}")
         if weighting not in ECT_WEIGHTINGS or target not in ("student", "momentum"):
@@ -586,7 +592,7 @@ class ECT(AnyStepCount, Objective):
         self.q, self.k, self.b = q, k, b
         self.stage_every = stage_every or max(1, (total_steps or 1000) // 4)
         self.huber_c = huber_c
-        self._serve(student_times, sample_steps)
+        self._serve(student_times, student_steps, sample_steps)
 
     def setup(self, nets):
         if self.target == "momentum":

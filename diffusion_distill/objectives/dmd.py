@@ -68,7 +68,8 @@ class DMD2(Objective):
         guidance: the teacher's CFG scale in the real score (None: the recipe's teacher.guidance).
         gan_weight: weight of the generator's GAN term (0 disables the GAN head and real data).
         gan_critic_weight: weight of the discriminator loss in the critic's loss.
-        student_times: the student's sampling times, highest first (from the recipe).
+        student_steps, student_times: the student's step count and the recipe's explicit
+            times (None: evenly spaced, ``default_times``).
         backward_simulation: for multi-step students, make the student's input by running the
             student itself (DMD2 sec. 4.5) rather than noising real data.
         regression_weight: weight of DMD's regression loss (DMD sec. 3.3; the paper uses
@@ -109,15 +110,17 @@ class DMD2(Objective):
                  gan_critic_weight: float = 0.01, gan_feature_module: str | None = None,
                  student_times: list[float] | None = None, backward_simulation: bool = True,
                  regression_weight: float = 0.0, regression_pairs: int = 256,
-                 regression_steps: int = 50, total_steps: int | None = None):
+                 regression_steps: int = 50, total_steps: int | None = None,
+                 student_steps: int = 1):
         if critic_steps < 1:
             raise ValueError(f"critic_steps must be >= 1, got {critic_steps}")
         if not regression_weight >= 0:
             raise ValueError(f"regression_weight must be >= 0 (0: off), got {regression_weight}")
-        if regression_weight > 0 and len(student_times or [1.0]) != 1:
+        times = self.own_times(student_times, student_steps)
+        if regression_weight > 0 and len(times) != 1:
             raise ValueError(
                 f"regression_weight={regression_weight} pulls a 1-step student's output toward "
-                f"the teacher's, but this student takes {len(student_times)} steps; set "
+                f"the teacher's, but this student takes {len(times)} steps; set "
                 "method.regression_weight=0 or student.num_steps=1")
         if regression_pairs < 1 or regression_steps < 1:
             raise ValueError(f"regression_pairs and regression_steps must be >= 1, got "
@@ -130,7 +133,7 @@ class DMD2(Objective):
         self.gan_weight = gan_weight
         self.gan_critic_weight = gan_critic_weight
         self.gan_feature_module = gan_feature_module
-        self.student_times = list(student_times or [1.0])
+        self.student_times = times
         self.backward_simulation = backward_simulation
         self.needs_data = gan_weight > 0
         self._features = None
@@ -241,9 +244,10 @@ class DMD(DMD2):
     def __init__(self, t_min: float = 0.02, t_max: float = 0.98, guidance: float | None = None,
                  student_times: list[float] | None = None, regression_weight: float = 0.0,
                  regression_pairs: int = 256, regression_steps: int = 50,
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, student_steps: int = 1):
         super().__init__(critic_steps=1, t_min=t_min, t_max=t_max, guidance=guidance,
-                         student_times=student_times, backward_simulation=False,
+                         student_times=student_times, student_steps=student_steps,
+                         backward_simulation=False,
                          regression_weight=regression_weight, regression_pairs=regression_pairs,
                          regression_steps=regression_steps)
 
@@ -266,9 +270,10 @@ class DecoupledDMD(DMD2):
                  ca_above_student_t: bool = True, critic_steps: int = 5, t_min: float = 0.02,
                  t_max: float = 0.98, guidance: float | None = None,
                  student_times: list[float] | None = None, backward_simulation: bool = True,
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, student_steps: int = 1):
         super().__init__(critic_steps=critic_steps, t_min=t_min, t_max=t_max, guidance=guidance,
-                         student_times=student_times, backward_simulation=backward_simulation)
+                         student_times=student_times, student_steps=student_steps,
+                         backward_simulation=backward_simulation)
         self.ca_weight, self.dm_weight = ca_weight, dm_weight
         self.ca_above_student_t = ca_above_student_t
 
@@ -358,10 +363,10 @@ class PhasedDMD(DMD2):
 
     def __init__(self, student_times: list[float] | None = None, critic_steps: int = 5,
                  t_min: float = 0.02, t_max: float = 0.98, guidance: float | None = None,
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, student_steps: int = 1):
         super().__init__(critic_steps=critic_steps, t_min=t_min, t_max=t_max, guidance=guidance,
-                         student_times=student_times, backward_simulation=False)
-        self.boundaries = self.student_times + [0.0]
+                         student_times=student_times, student_steps=student_steps,
+                         backward_simulation=False)
         self.num_phases = len(self.student_times)
         self.total_steps = total_steps or 1
         self.roles = tuple(f"student_{k}" for k in range(self.num_phases)) + ("critic",)
@@ -378,6 +383,11 @@ class PhasedDMD(DMD2):
         experts = [f"student_{k}" for k in range(self.num_phases)]
         return StudentSampler(self.student_times, adapters=experts,
                               export_names={e: f"expert_{k}" for k, e in enumerate(experts)})
+
+    @property
+    def boundaries(self) -> list[float]:
+        # read from the times build_objective put on the teacher's grid
+        return self.student_times + [0.0]
 
     def phase(self, step: int) -> int:
         return min(step * self.num_phases // self.total_steps, self.num_phases - 1)

@@ -184,7 +184,7 @@ class SCM(AnyStepCount, Objective):
                  sample_steps: list[int] | None = None, student_times: list[float] | None = None,
                  score_regularization: float = 0.0, critic_steps: int = 5,
                  max_simulation_steps: int = 4, D_mean: float = 0.0, D_std: float = 1.6,
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, student_steps: int = 1):
         if tangent not in TANGENTS:
             raise ValueError(f"tangent must be one of {TANGENTS} (jvp: torch.func.jvp; "
                              f"finite_difference: where forward-mode AD fails), got {tangent!r}")
@@ -210,7 +210,7 @@ class SCM(AnyStepCount, Objective):
         self.D_mean, self.D_std = float(D_mean), float(D_std)
         # plain sCM trains the student alone: no critic adapter, checkpoints and exports as before
         self.roles = ("student", "critic") if self.score_regularization > 0 else ("student",)
-        self._serve(student_times, sample_steps)
+        self._serve(student_times, student_steps, sample_steps)
 
     # -- contract -------------------------------------------------------------------------
 

@@ -115,7 +115,8 @@ class SiD(Objective):
             whenever a critic scale is not 1, as SiD-LSG; 0 otherwise).
         critic_steps: critic-only loop steps before each student-only step (SiD: 1).
         max_nonfinite_steps: consecutive all-non-finite batches that stop the run.
-        student_times: the student's sampling times, highest first (from the recipe).
+        student_steps, student_times: the student's step count and the recipe's explicit
+            times (None: ``default_times``).
     """
 
     name = "sid"
@@ -156,7 +157,7 @@ class SiD(Objective):
                  kappa4: float | None = None, anti_scale: float = -1.0,
                  prompt_drop: float | None = None, critic_steps: int = 1,
                  max_nonfinite_steps: int = 3, student_times: list[float] | None = None,
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, student_steps: int = 1):
         if not 0 <= t_min < t_max <= 1:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
         if critic_steps < 1:
@@ -188,18 +189,17 @@ class SiD(Objective):
         self.prompt_drop = prompt_drop
         self.critic_steps = critic_steps
         self.max_nonfinite_steps = max_nonfinite_steps
-        times = list(student_times or [1.0])
-        if t_init is not None:
-            times = student_timesteps(len(times), t_max=t_init)
-        self.student_times = times
+        if student_times and t_init is not None:  # as plan says at recipe load
+            raise ValueError(f"student_times {student_times} and t_init {t_init} both set: "
+                             f"t_init places the {len(student_times)} times evenly below it; "
+                             "drop one of the two")
+        self.student_times = self.own_times(student_times, student_steps)
         self._bad_streak = {"student": 0, "critic": 0}
 
     # -- pieces -------------------------------------------------------------------------
-    def setup(self, nets):
-        if self.t_init is not None:  # times of its own: on the teacher's grid, as the recipe's
-            from ..samplers import on_teacher_grid
-
-            self.student_times = on_teacher_grid(self.student_times, nets.teacher_model)
+    def default_times(self, num_steps):
+        # SiD-LSG's sampler: evenly spaced below t_init (explicit times are refused with it)
+        return student_timesteps(num_steps, t_max=1.0 if self.t_init is None else self.t_init)
 
     def scales(self, nets) -> dict[str, float]:
         """The four guidance scales of this run (the preset, then explicit overrides)."""
@@ -413,13 +413,14 @@ class SiDA(SiD):
                  kappa3: float | None = None, kappa4: float | None = None,
                  anti_scale: float = -1.0, prompt_drop: float | None = None,
                  critic_steps: int = 1, max_nonfinite_steps: int = 3,
-                 student_times: list[float] | None = None, total_steps: int | None = None):
+                 student_times: list[float] | None = None, total_steps: int | None = None,
+                 student_steps: int = 1):
         super().__init__(alpha=alpha, t_min=t_min, t_max=t_max, t_init=t_init,
                          guidance=guidance, guidance_scale=guidance_scale, kappa1=kappa1,
                          kappa2=kappa2, kappa3=kappa3, kappa4=kappa4, anti_scale=anti_scale,
                          prompt_drop=prompt_drop, critic_steps=critic_steps,
                          max_nonfinite_steps=max_nonfinite_steps, student_times=student_times,
-                         total_steps=total_steps)
+                         total_steps=total_steps, student_steps=student_steps)
         if gan_weight < 0 or gan_critic_weight < 0:
             raise ValueError(f"gan weights must be >= 0, got {gan_weight}, {gan_critic_weight}")
         self.gan_weight = gan_weight
