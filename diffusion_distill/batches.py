@@ -191,3 +191,22 @@ class Batches:
         elif self.needs_data:
             batch["x0"] = self.teacher.encode_images(images[lo:hi].to(rng.device))
         return batch
+
+
+class LatentPool:
+    """Batches drawn from a fixed pool of x0 with their captions (teacher training: world
+    latents encoded once, since the VAE is frozen), like :class:`Batches` a function of the
+    step's randomness alone, so a resumed run draws what an uninterrupted one would.
+
+    ``encode``: captions -> the denoiser's condition (the teacher's prompt encoding)."""
+
+    def __init__(self, x0: torch.Tensor, captions: list[str], encode):
+        if len(x0) != len(captions):
+            raise ValueError(f"a latent pool needs one caption per latent, got {len(x0)} "
+                             f"latents and {len(captions)} captions")
+        self.x0, self.captions, self.encode = x0, list(captions), encode
+
+    def __call__(self, rng: Randomness, local_batch: int) -> dict:
+        index = rng.randint(len(self.captions), local_batch)
+        captions = [self.captions[i] for i in index.tolist()]
+        return {"x0": self.x0[index], "cond": self.encode(captions), "prompts": captions}

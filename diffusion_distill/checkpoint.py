@@ -371,3 +371,46 @@ def load_latest_good(run_dir: str, apply=None, set_aside: bool = False, log=warn
         f"no readable checkpoint in {os.path.join(run_dir, 'checkpoints')!r}: "
         + "; ".join(errors) + ". Start the run again with --new-run (the old checkpoints are "
         "moved aside, not deleted).")
+
+
+def run_roles(objective, nets) -> list[str]:
+    """The roles a run's checkpoints hold: the objective's, and the EMA where there is one."""
+    return list(objective.roles) + (["ema"] if nets.roles.ema_of else [])
+
+
+def not_fitting(run_dir: str, e: BaseException) -> ValueError:
+    """The refusal of a checkpoint whose tensors do not fit the recipe's networks."""
+    return ValueError(f"the checkpoint in {run_dir!r} does not fit this recipe "
+                      f"({str(e).splitlines()[0][:300]}); use the recipe it was trained "
+                      "with, or --new-run")
+
+
+def load_role_weights(nets, weights, optim_states, state, roles, optim_roles, run_dir,
+                      device="cpu") -> None:
+    """A checkpoint's role weights into ``nets``; one that lacks a role (weights, or the
+    optimizer state of one of ``optim_roles``) is a :class:`CheckpointError` (the next older
+    one is tried), one that does not fit the networks is refused (:func:`not_fitting`)."""
+    missing = [r for r in roles if r not in weights] + \
+        [r for r in optim_roles if r not in optim_states]
+    if missing:
+        raise CheckpointError(f"checkpoint of step {state.get('step')} lacks the role(s) "
+                              f"{missing}")
+    try:
+        for r in roles:
+            nets.load_state_dict(r, {k: v.to(device) for k, v in weights[r].items()})
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise not_fitting(run_dir, e) from e
+
+
+def restorer(nets, optimizers: dict, roles: list[str], run_dir: str, device="cpu"):
+    """``apply`` for :func:`load_latest_good` in a one-process run: the role weights and the
+    optimizers' states (built on those same parameters) into the run."""
+    def apply(weights, optim_states, state):
+        load_role_weights(nets, weights, optim_states, state, roles, optimizers, run_dir,
+                          device)
+        try:
+            for r, opt in optimizers.items():
+                opt.load_state_dict(optim_states[r])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise not_fitting(run_dir, e) from e
+    return apply

@@ -8,12 +8,15 @@ A recipe whose ``teacher.build`` names a builder of a fresh pipeline is a teache
 ``ddistill train`` hands it here. The same pieces as a distillation run: the recipe format, the
 :class:`~diffusion_distill.objectives.denoising.Denoising` objective, the roles/``Nets`` of
 ``student.py`` (full fine-tuning of the fresh denoiser as role "student", an EMA copy as role
-"ema") and the one loop, ``step.run_steps`` (``train.train`` runs it too). What differs from a
+"ema"), the one loop, ``step.run_steps`` (``train.train`` runs it too), and the same run
+folder: its lock, ``recipe.yaml`` identity check, resumable atomic checkpoints
+(``checkpoint.save_checkpoint``, every ``checkpoint_every`` steps) and resume from the latest
+good one, so a killed teacher training continues where it stopped. What differs from a
 distillation run is only what a teacher needs, given to that loop: the data are world latents
-(encoded once, since the VAE is frozen), the step has a learning-rate warm-up and an EMA
-warm-up, and the result is written as a whole diffusers pipeline with the EMA weights every
-``checkpoint_every`` steps (instead of resumable checkpoints), so an interrupted run still
-leaves a usable teacher.
+(encoded once, since the VAE is frozen; :class:`~diffusion_distill.batches.LatentPool`), the
+step has a learning-rate warm-up and an EMA warm-up, and besides each checkpoint the whole
+diffusers pipeline with the EMA weights is written, so an interrupted run still leaves a
+usable teacher.
 """
 from __future__ import annotations
 
@@ -119,11 +122,13 @@ def check_train_keys(cfg: dict) -> None:
 def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str | None = None,
                   pool: int | None = None, threads: int | None = None,
                   minutes: float | None = None, cache_dir: str | None = "runs",
-                  init: str | None = None, log=print) -> str:
+                  init: str | None = None, log=print, new_run: bool = False) -> str:
     """Train one embedded teacher; returns the folder of the saved pipeline.
 
     ``init``: a pipeline folder written by an earlier run; its denoiser weights start this
-    run (student and EMA), i.e. a second training stage on top of the first.
+    run (student and EMA), i.e. a second training stage on top of the first. The run folder
+    (the pipeline's parent) is locked and resumed as :func:`~diffusion_distill.train.train`
+    does; ``new_run``: start over there (old checkpoints moved aside).
     """
     from .acceleration import REPLACE_PROCESSORS
     from .build import setup_run
@@ -162,7 +167,6 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
     # as every run is set up (student.mode: full, so the roles are whole copies of the fresh
     # denoiser), with train.attention, gradient_checkpointing and compile applied
     teacher, objective, nets = setup_run(recipe, "cpu", teacher)
-    params = nets.params("student")
     collapse = None
     if teacher.family == "sd3":
         # Same function, ~5x cheaper: see world.teachers.RepeatedTokenJointAttention.
@@ -184,11 +188,30 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
                 "ema_warmup": True}
 
     out = out or os.path.join(recipe["output"]["dir"], "pipeline")
-    from .checkpoint import check_output_dir
+    from .checkpoint import check_output_dir, check_writable
+    from .run_folder import check_run_folder, prepare_run_dir, run_lock
 
     check_output_dir(out, ("model_index.json",), "pipeline folder")  # before any training
     run_dir = os.path.dirname(out) or "."
+    recipe["output"]["dir"] = run_dir  # the pipeline's folder is the run folder
+    check_writable(run_dir, "output.dir")
+    check_run_folder(run_dir)  # before a lock file lands in someone else's folder
     os.makedirs(run_dir, exist_ok=True)
+    with run_lock(run_dir):  # one training per run folder, as train.train
+        prepare_run_dir(recipe, new_run=new_run, log=log)  # same identity rules to resume
+        return _train_locked(recipe, name, pipe, teacher, objective, nets, optimizers,
+                             step_cfg, out, pool, cache_dir, collapse, minutes, log)
+
+
+def _train_locked(recipe, name, pipe, teacher, objective, nets, optimizers, step_cfg, out,
+                  pool, cache_dir, collapse, minutes, log):
+    from .batches import LatentPool
+    from .checkpoint import load_latest_good, restorer, run_roles, save_checkpoint
+    from .world import teachers as world_teachers
+
+    cfg = recipe["train"]
+    run_dir = recipe["output"]["dir"]
+    params = nets.params("student")
     pool = pool or max(2048, min(16384, cfg["steps"] * cfg["batch_size"] // 4))
     t0 = time.time()
     # The cache is keyed by the VAE's weights, so a retrained VAE never reuses stale latents.
@@ -200,19 +223,37 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
     log(f"{name}: {len(captions)} latents ready in {time.time() - t0:.0f}s; latent std "
         f"{x0_pool.std():.3f}; denoiser {sum(p.numel() for p in params) / 1e6:.2f}M params")
 
-    t_start = time.time()
-    final_role = "ema" if nets.roles.ema_of else "student"
-    def batches(rng, n):
-        index = rng.randint(len(captions), n)
-        caps = [captions[i] for i in index.tolist()]
+    def encode(caps):
         cond = teacher.prompts(caps)
         if collapse:
             cond, _ = world_teachers.collapse_repeated_context(cond)
-        return {"x0": x0_pool[index], "cond": cond, "prompts": caps}
+        return cond
+
+    batches = LatentPool(x0_pool, captions, encode)
+    final_role = "ema" if nets.roles.ema_of else "student"
+    weight_roles = run_roles(objective, nets)
+    start = 0
+    found = load_latest_good(run_dir, restorer(nets, optimizers, weight_roles, run_dir),
+                             set_aside=True)
+    if found:
+        start = found[3]["step"]
+        log(f"{name}: resuming {run_dir} from step {start} ({found[0]})")
+    from .run_folder import trim_eval_log
+
+    # rows of steps after the checkpoint are logged again as they are retrained
+    trim_eval_log(os.path.join(run_dir, "metrics.jsonl"), start)
+
+    def checkpoint(done):
+        save_checkpoint(run_dir, done, {r: nets.state_dict(r) for r in weight_roles},
+                        optimizers, {"name": recipe["name"]}, keep=cfg["keep_checkpoints"])
+        # the whole pipeline too: an interrupted run leaves a usable teacher
+        save_pipeline(pipe, nets.roles.state_dict(final_role), out)
+        log(f"{name}: saved {out} and a checkpoint at step {done}")
 
     from .run_log import RunLog
     from .step import STOP, run_steps
 
+    t_start = time.time()
     run_log = RunLog(run_dir)
 
     def after_step(done, logged, seconds):
@@ -223,17 +264,15 @@ def train_teacher(name: str, overrides=(), out: str | None = None, vae_path: str
                                                   if k != "step"))
         out_of_time = (minutes is not None and time.time() - t_start > minutes * 60) or (
             cfg["stop_after"] is not None and done >= cfg["stop_after"])
-        # the whole pipeline at every checkpoint: an interrupted run leaves a usable teacher
         if done % cfg["checkpoint_every"] == 0 or done == cfg["steps"] or out_of_time:
-            save_pipeline(pipe, nets.roles.state_dict(final_role), out)
-            log(f"{name}: saved {out} at step {done}")
+            checkpoint(done)
         if out_of_time:
             log(f"{name}: stopped at step {done} ({time.time() - t_start:.0f} s)")
             return STOP
         return None
 
     try:
-        run_steps(objective, nets, optimizers, batches, step_cfg, cfg["batch_size"], 0,
+        run_steps(objective, nets, optimizers, batches, step_cfg, cfg["batch_size"], start,
                   cfg["steps"], after_step)
     finally:
         run_log.close()

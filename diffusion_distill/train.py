@@ -62,7 +62,8 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
         # A fresh pipeline trained from scratch: a teacher recipe (recipes/teachers/).
         from .teacher_training import train_teacher
 
-        return train_teacher(recipe, log=print if progress else (lambda s: None))
+        return train_teacher(recipe, log=print if progress else (lambda s: None),
+                             new_run=new_run)
     cfg = recipe["train"]
     if cfg["mixed_precision"] == "fp16":
         raise ValueError("train.mixed_precision=fp16 needs loss scaling per role, which this "
@@ -129,7 +130,13 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
                   teacher_changed=False, data=None, parallel="none"):
     from tqdm.auto import tqdm
 
-    from .checkpoint import CheckpointError, load_latest_good, save_checkpoint
+    from .checkpoint import (
+        load_latest_good,
+        load_role_weights,
+        not_fitting,
+        run_roles,
+        save_checkpoint,
+    )
     from .eval.in_training import InTrainingEval
     from .run_log import RunLog
 
@@ -156,7 +163,7 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
         raise ValueError(f"train.batch_size={cfg['batch_size']} must be divisible by processes "
                          f"x grad_accum = {world} x {cfg['grad_accum']}")
     local_batch = cfg["batch_size"] // per_step
-    weight_roles = list(objective.roles) + (["ema"] if nets.roles.ema_of else [])
+    weight_roles = run_roles(objective, nets)
     role = recipe["output"]["export_role"]
     if recipe["output"]["export"] and role not in ("ema", "student", *objective.roles):
         raise ValueError(f"recipe key 'output.export_role' is {role!r}, but this method's roles "
@@ -170,9 +177,7 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
         check_output_dir(os.path.join(run_dir, "export"), EXPORT_MARKERS, "export folder")
 
     def unfit(e):
-        return ValueError(f"the checkpoint in {run_dir!r} does not fit this recipe "
-                          f"({str(e).splitlines()[0][:300]}); use the recipe it was "
-                          "trained with, or --new-run")
+        return not_fitting(run_dir, e)
 
     # Weights are loaded into the whole networks, before any sharding; the optimizers (built
     # on the sharded parameters) take their state afterwards. Checkpoints hold full tensors,
@@ -180,16 +185,8 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
     optim_pending: dict = {}
 
     def apply(weights, optim_states, state):
-        missing = [r for r in weight_roles if r not in weights] + \
-            [r for r in objective.roles if r not in optim_states]
-        if missing:
-            raise CheckpointError(f"checkpoint of step {state.get('step')} lacks the role(s) "
-                                  f"{missing}")
-        try:
-            for r in weight_roles:
-                nets.load_state_dict(r, {k: v.to(device) for k, v in weights[r].items()})
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise unfit(e) from e
+        load_role_weights(nets, weights, optim_states, state, weight_roles, objective.roles,
+                          run_dir, device)
         optim_pending.clear()
         optim_pending.update(optim_states)
 

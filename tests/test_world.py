@@ -210,3 +210,43 @@ def test_teacher_training_and_distillation_run_the_one_loop(tmp_path, monkeypatc
     assert [r["step"] for r in rows] == [1, 2] and all("seconds_per_step" in r for r in rows)
     train(tiny_recipe(tiny_sd_path, tmp_path / "run", steps=1), progress=False)
     assert len(calls) == 2
+
+
+def test_an_interrupted_teacher_training_resumes_to_the_uninterrupted_teacher(tmp_path):
+    """Teacher training goes through the run folder as distillation does: stopped after 2 of
+    4 steps (train.stop_after, as a kill after the checkpoint) and run again, it resumes from
+    its checkpoint and ends with the weights of an uninterrupted 4-step run; a second training
+    into a locked folder is refused. Catches a run that starts over instead of resuming (the
+    old pipeline-only saves), a checkpoint without the EMA or the optimizer state (Adam's
+    moments restart: the weights differ), and data drawn from a stream that is not a
+    function of the step (the resumed half draws other latents)."""
+    from safetensors.torch import load_file
+
+    from diffusion_distill.checkpoint import list_checkpoints
+    from diffusion_distill.run_folder import RunLockedError, run_lock
+    from diffusion_distill.teacher_training import train_teacher
+
+    keys = ["train.steps=4", "train.batch_size=2", "train.checkpoint_every=2",
+            "train.log_every=1", "train.ema_decay=0.5"]
+
+    said = []
+
+    def run(folder, *extra):
+        out = str(tmp_path / folder / "pipeline")
+        train_teacher("sd", [*keys, *extra], out=out, pool=8, cache_dir=None, log=said.append)
+        return load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+
+    whole = run("whole")
+    half = run("resumed", "train.stop_after=2")
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "resumed"))] == [2]
+    said.clear()
+    resumed = run("resumed")
+    assert any("resuming" in line and "from step 2" in line for line in said), said
+    assert any(not torch.equal(half[k], resumed[k]) for k in half)  # it trained on
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=0)
+    with open(tmp_path / "resumed" / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
+    with run_lock(str(tmp_path / "resumed")), pytest.raises(RunLockedError):
+        run("resumed", "train.steps=6")
