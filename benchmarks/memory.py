@@ -50,20 +50,13 @@ import threading
 import time
 
 from harness import HERE, provenance, write_json
+from memory_plan import SD15_UNET
 
 GB = 1e9
 MEASUREMENTS = ("plain_lora", "dmd2_lora", "dmd2_full", "dmd2_lora_ckpt", "dmd2_lora_bf16",
                 "dmd2_lora_full_critic")
 
-SD15_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                         "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                       "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32,
-}
+# the published SD1.5 UNet config, written once in memory_plan.py
 SMALL_UNET = {
     "sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
     "block_out_channels": (32, 64), "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),

@@ -55,7 +55,21 @@ def default_target_modules(backbone: nn.Module) -> list[str]:
     return found
 
 
-class SharedBaseRoles:
+class _Switching:
+    """``use(role)``: a role active for a block, the previous one restored after it (also on
+    an exception); each role set says in ``activate`` what switching means for it."""
+
+    @contextlib.contextmanager
+    def use(self, role: str):
+        previous = self.active
+        self.activate(role)
+        try:
+            yield
+        finally:
+            self.activate(previous)
+
+
+class SharedBaseRoles(_Switching):
     """LoRA adapters for each role on one frozen backbone.
 
     Args:
@@ -146,14 +160,6 @@ class SharedBaseRoles:
                 p.requires_grad_(True)
         self.active = role
 
-    @contextlib.contextmanager
-    def use(self, role: str):
-        previous = self.active
-        self.activate(role)
-        try:
-            yield
-        finally:
-            self.activate(previous)
 
     @torch.no_grad()
     def _copy(self, src: str, dst: str):
@@ -235,7 +241,7 @@ class SeparateRoles:
         self.networks[role].load_state_dict(state)
 
 
-class MixedRoles:
+class MixedRoles(_Switching):
     """Each role at its own capacity: ``lora`` roles as adapters on the one frozen base,
     ``full`` roles as whole networks (``student.mode`` / ``critic.mode`` in a recipe).
 
@@ -292,14 +298,6 @@ class MixedRoles:
             self.shared.activate(role)
         self.active = role
 
-    @contextlib.contextmanager
-    def use(self, role: str):
-        previous = self.active
-        self.activate(role)
-        try:
-            yield
-        finally:
-            self.activate(previous)
 
     @torch.no_grad()
     def update_ema(self, decay: float):

@@ -1,7 +1,6 @@
 """How many all-gathers one DMD2 step does per sharded block (docs/DESIGN.md, "Several
 processes"): counted on FSDP2's own unshard in a one-process gloo group."""
 import pytest
-import torch
 import torch.distributed as dist
 from conftest import tiny_recipe
 from torch.distributed.fsdp._fully_shard import _fsdp_param_group

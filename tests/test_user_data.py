@@ -42,6 +42,29 @@ ECT_TOY = {"name": "ect", "sigma_data": 1.4, "weighting": "uniform", "target": "
            "stage_every": 1000}
 
 
+def _toy(schedule):
+    """The exact 8-mode ring teacher, the user's 20,000 training samples, 1,000 held-out ones."""
+    teacher = toy_teacher(k=8, var=0.02, schedule=schedule)
+    mixture = teacher.denoiser.backbone.fn
+    return (teacher, mixture.sample(20000, torch.Generator().manual_seed(0)),
+            mixture.sample(1000, torch.Generator().manual_seed(1)))
+
+
+def _assert_reaches_data(nets, objective, teacher, data, sample, label):
+    """The student's n-step samples within 8x the 50-step teacher's energy distance to the
+    data, with every mode drawn at least half as often as it should be."""
+    reference = teacher.sample([""] * 1000, steps=50, generator=torch.Generator().manual_seed(2))
+    teacher_ed, _ = _score(reference, data)
+    for n in sample:
+        x = generate(nets, [""] * 1000, objective.sampler(n), torch.Generator().manual_seed(2),
+                     ema=False)
+        ed, worst = _score(x, data)
+        print(f"\n{label} {n} step(s): energy {ed:.4f} (teacher {teacher_ed:.4f}), "
+              f"worst mode share {worst:.2f}")
+        assert ed < 8 * teacher_ed, (n, ed, teacher_ed)
+        assert worst > 0.5, (n, worst)
+
+
 @pytest.mark.parametrize("method,schedule,num_steps,sample", [
     ({"name": "lcm", "target": "momentum", **NO_CFG}, "flow", 1, (1,)),
     ({"name": "pcm", "phases": 1, "target": "momentum", **NO_CFG}, "vp", 1, (1,)),
@@ -59,26 +82,14 @@ def test_consistency_students_reach_the_data_from_the_users_samples(method, sche
     drift, ECT's snr weighting starving the 1-step sample on such a network, and a ``data=``
     that does not reach the objective's x0."""
     torch.manual_seed(0)
-    teacher = toy_teacher(k=8, var=0.02, schedule=schedule)
-    mixture = teacher.denoiser.backbone.fn
-    x0 = mixture.sample(20000, torch.Generator().manual_seed(0))
-    data = mixture.sample(1000, torch.Generator().manual_seed(1))
+    teacher, x0, data = _toy(schedule)
     with tempfile.TemporaryDirectory() as out:
         torch.manual_seed(0)
         _, nets = train(_recipe(method, out, num_steps=num_steps), progress=False,
                         teacher=teacher, networks={"student": MLPDenoiser()}, data=x0,
                         return_nets=True)
     objective = build_objective(method, student_steps=num_steps)
-    reference = teacher.sample([""] * 1000, steps=50, generator=torch.Generator().manual_seed(2))
-    teacher_ed, _ = _score(reference, data)
-    for n in sample:
-        x = generate(nets, [""] * 1000, objective.sampler(n), torch.Generator().manual_seed(2),
-                     ema=False)
-        ed, worst = _score(x, data)
-        print(f"\n{method['name']} {schedule} {n} step(s): energy {ed:.4f} (teacher "
-              f"{teacher_ed:.4f}), worst mode share {worst:.2f}")
-        assert ed < 8 * teacher_ed, (n, ed, teacher_ed)
-        assert worst > 0.5, (n, worst)
+    _assert_reaches_data(nets, objective, teacher, data, sample, f"{method['name']} {schedule}")
 
 
 def test_a_custom_teacher_without_data_is_told_the_python_api():
@@ -151,23 +162,11 @@ def test_scm_reaches_the_data_with_a_network_that_meets_its_papers_conditions(sc
 
     method = {"name": "scm", "sigma_data": 1.4}
     torch.manual_seed(0)
-    teacher = toy_teacher(k=8, var=0.02, schedule=schedule)
-    mixture = teacher.denoiser.backbone.fn
-    x0 = mixture.sample(20000, torch.Generator().manual_seed(0))
-    data = mixture.sample(1000, torch.Generator().manual_seed(1))
+    teacher, x0, data = _toy(schedule)
     with tempfile.TemporaryDirectory() as out:
         torch.manual_seed(0)
         student = EDMMLP(teacher.schedule, sigma_data=1.4, max_frequency=3.0)
         _, nets = train(_recipe(method, out, steps=1000), progress=False, teacher=teacher,
                         networks={"student": student}, data=x0, return_nets=True)
     objective = build_objective(method, student_times=[1.0])
-    reference = teacher.sample([""] * 1000, steps=50, generator=torch.Generator().manual_seed(2))
-    teacher_ed, _ = _score(reference, data)
-    for n in sample:
-        x = generate(nets, [""] * 1000, objective.sampler(n), torch.Generator().manual_seed(2),
-                     ema=False)
-        ed, worst = _score(x, data)
-        print(f"\nscm {schedule} {n} step(s): energy {ed:.4f} (teacher {teacher_ed:.4f}), "
-              f"worst mode share {worst:.2f}")
-        assert ed < 8 * teacher_ed, (n, ed, teacher_ed)
-        assert worst > 0.5, (n, worst)
+    _assert_reaches_data(nets, objective, teacher, data, sample, f"scm {schedule}")
