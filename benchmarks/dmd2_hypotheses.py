@@ -13,8 +13,8 @@ curve).
     python benchmarks/dmd2_hypotheses.py --teacher sd3 --steps 600
     python benchmarks/dmd2_hypotheses.py --teacher sd --only baseline critic_lr
 
-Round two (issue 27): ``lora_student_full_critic``, ``regression_0.25``, ``warm_tcd`` (needs
-``--tcd-export``), and ``full_lora_16`` / ``full_lora_64``, which are no training run: the
+Round two (issue 27): ``lora_student_full_critic``, ``regression_0.25``, ``lora_all_layers``,
+``warm_tcd`` (needs ``--tcd-export``), and ``full_lora_16`` / ``full_lora_64``, which are no training run: the
 finished ``full`` run's student exported with ``--lora-rank`` and scored through plain
 diffusers. ``--teacher-few-steps 4`` adds the teacher's own 4-step FD to its 50-step samples.
 
@@ -66,6 +66,12 @@ HYPOTHESES = {
         ("the DM gradient alone loses the teacher's noise-to-image map (DMD's regression on "
          "256 cached teacher pairs, weight 0.25, latent MSE)"),
         ["method.regression_weight=0.25"]),
+    # the full student's gain fits a rank-16 LoRA taken from it (every linear layer, biases),
+    # but not a LoRA on the attention/feed-forward targets: is it the layers and biases?
+    "lora_all_layers": (
+        ("the LoRA leaves out layers and biases that the full student changes (every linear "
+         "and convolution layer, and a trained bias per layer, rank 16; the critic too)"),
+        ["student.target_modules=all", "student.lora_bias=true"]),
     "warm_tcd": (
         ("a 1-step student must first find the teacher's map from scratch (warm start from "
          "the 2-step TCD LoRA export of the same teacher, --tcd-export)"),

@@ -91,13 +91,14 @@ def build_nets(recipe, teacher, objective: Objective, networks=None) -> Nets:
         if kinds == {"lora"}:
             roles = SharedBaseRoles(teacher.backbone, roles=objective.roles, rank=s["rank"],
                                     alpha=s["alpha"], target_modules=s["target_modules"],
-                                    ema=ema, ema_of=ema_of or "student")
+                                    lora_bias=s["lora_bias"], ema=ema, ema_of=ema_of or "student")
         elif kinds == {"full"}:
             roles = SeparateRoles(teacher.backbone, roles=objective.roles, ema=ema,
                                   ema_of=ema_of or "student")
         else:
             roles = MixedRoles(teacher.backbone, modes, rank=s["rank"], alpha=s["alpha"],
-                               target_modules=s["target_modules"], ema=ema,
+                               target_modules=s["target_modules"],
+                               lora_bias=s["lora_bias"], ema=ema,
                                ema_of=ema_of or "student")
     return Nets(teacher, roles, guidance=recipe["teacher"]["guidance"])
 

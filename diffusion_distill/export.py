@@ -191,7 +191,7 @@ def _lora_layout(nets, lora_rank, reports) -> dict:
     if not reports:
         lora = nets.roles.lora_config
         return {"rank": lora.r, "alpha": lora.lora_alpha,
-                "target_modules": sorted(lora.target_modules)}
+                "target_modules": sorted(lora.target_modules), "lora_bias": lora.lora_bias}
     report = dict(next(iter(reports.values())))
     return {"rank": lora_rank, "alpha": lora_rank, "target_modules": report.pop("target_modules"),
             "from_full": report}

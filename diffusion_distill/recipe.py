@@ -82,7 +82,9 @@ DEFAULTS: dict = {
         "mode": "lora",            # lora: adapters on the frozen base; full: full fine-tune
         "rank": 16,
         "alpha": None,
-        "target_modules": None,
+        "target_modules": None,    # null: attention/feed-forward; "all": every linear and
+                                   # convolution layer; or a list of module-name suffixes
+        "lora_bias": False,        # LoRA roles also train a bias per targeted layer
         "num_steps": 1,            # sampling steps of the student (1, 2 or 4 in the papers)
         "timesteps": None,         # explicit student times in [0, 1], highest first
         "init": None,              # an export folder of this teacher to start from (warm
@@ -311,6 +313,11 @@ _RULES = [
     ("student.mode", lambda v: v in ("lora", "full"), "lora or full"),
     ("critic.mode", lambda v: v in ("lora", "full"), "lora or full, or null (= student.mode)"),
     ("student.rank", lambda v: v >= 1, "an integer >= 1"),
+    ("student.target_modules", lambda v: v == "all" or (isinstance(v, list) and len(v) >= 1
+                                                         and all(isinstance(m, str) and m.strip()
+                                                                 for m in v)),
+     ("a list of module-name suffixes (e.g. [to_q, to_v]), all (every linear and convolution "
+      "layer), or null (the attention and feed-forward projections)")),
     ("student.alpha", lambda v: math.isfinite(v) and v > 0, "a number > 0, or null (= rank)"),
     ("student.num_steps", lambda v: v >= 1, "an integer >= 1"),
     ("student.init", lambda v: isinstance(v, str) and bool(v.strip()),
@@ -377,6 +384,12 @@ def validate(recipe: dict):
                           "but it turns a full student into a LoRA and student.mode is "
                           f"{recipe['student']['mode']!r}; remove output.lora_rank, or set "
                           "student.mode=full")
+    student = recipe["student"]
+    if student["lora_bias"] and "lora" not in (student["mode"], recipe["critic"]["mode"]):
+        raise RecipeError("recipe key 'student.lora_bias' is true, but no role is a LoRA "
+                          f"(student.mode {student['mode']!r}, critic.mode "
+                          f"{recipe['critic']['mode']!r}): a full role trains its biases anyway. "
+                          "Remove student.lora_bias, or set student.mode=lora")
     if recipe["data"]["source"] == "folder" and not recipe["data"]["path"]:
         raise RecipeError("recipe key 'data.path' is empty but data.source is 'folder'; set "
                           "data.path=/path/to/images")

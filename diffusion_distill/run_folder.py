@@ -18,7 +18,8 @@ import yaml
 # (The method's options are compared one by one; ``train.ema_decay`` only for on / off.)
 IDENTITY_KEYS = ("teacher.path", "teacher.build", "teacher.prediction_type", "student.mode",
                  "critic.mode", "student.init",
-                 "student.rank", "student.alpha", "student.target_modules", "student.num_steps",
+                 "student.rank", "student.alpha", "student.target_modules", "student.lora_bias",
+                 "student.num_steps",
                  "student.timesteps")
 LOCK_NAME = ".lock"
 
@@ -83,14 +84,14 @@ class RunLockedError(ValueError):
 
 
 def _identity_diff(old: dict, new: dict) -> list[str]:
-    from .recipe import recipe_value
+    from .recipe import DEFAULTS, recipe_value
 
     diff = []
     for key in IDENTITY_KEYS:
         try:
             a = recipe_value(old, key)
-        except (KeyError, TypeError):
-            a = None
+        except (KeyError, TypeError):  # a run recorded before the key existed ran its default
+            a = recipe_value(DEFAULTS, key)
         b = recipe_value(new, key)
         if a != b:
             diff.append(f"{key}: {a!r} -> {b!r}")

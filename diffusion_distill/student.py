@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -55,6 +56,20 @@ def default_target_modules(backbone: nn.Module) -> list[str]:
     return found
 
 
+ALL_LAYERS = "all"
+
+
+def resolve_target_modules(backbone: nn.Module, target_modules) -> list[str]:
+    """The recipe's ``student.target_modules`` as module names: None -> the usual attention and
+    feed-forward targets; ``"all"`` -> every linear and convolution layer of the backbone (by
+    full name; peft wraps both); a list -> as given."""
+    if target_modules is None:
+        return default_target_modules(backbone)
+    if target_modules == ALL_LAYERS:
+        return [n for n, m in backbone.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    return list(target_modules)
+
+
 class _Switching:
     """``use(role)``: a role active for a block, the previous one restored after it (also on
     an exception); each role set says in ``activate`` what switching means for it."""
@@ -75,30 +90,38 @@ class SharedBaseRoles(_Switching):
     Args:
         backbone: the teacher's backbone; its own weights stay frozen and unchanged.
         roles: names of the trainable adapters (e.g. ``["student", "critic"]``).
-        rank, alpha, target_modules: the LoRA shape, shared by all roles.
+        rank, alpha, target_modules: the LoRA shape, shared by all roles
+            (``target_modules``: see :func:`resolve_target_modules`).
+        lora_bias: each adapter also trains a bias per targeted layer (peft's ``lora_bias``:
+            a bias on ``lora_B``), so a role changes biases without touching the shared base's.
         ema: also keep an ``ema`` adapter tracking ``ema_of``.
     """
 
     def __init__(self, backbone: nn.Module, roles=("student", "critic"), rank: int = 16,
-                 alpha: float | None = None, target_modules: list[str] | None = None,
-                 ema: bool = True, ema_of: str = "student"):
+                 alpha: float | None = None, target_modules: list[str] | str | None = None,
+                 lora_bias: bool = False, ema: bool = True, ema_of: str = "student"):
         from peft import LoraConfig, inject_adapter_in_model
 
         self.backbone = backbone
         self.trainable = list(roles)
         self.ema_of = ema_of if ema else None
-        target_modules = target_modules or default_target_modules(backbone)
         self.lora_config = LoraConfig(r=rank, lora_alpha=alpha or rank,
-                                      target_modules=target_modules, init_lora_weights=True)
+                                      target_modules=resolve_target_modules(backbone,
+                                                                            target_modules),
+                                      lora_bias=lora_bias, init_lora_weights=True)
         for p in backbone.parameters():
             p.requires_grad_(False)
         names = self.trainable + (["ema"] if ema else [])
         for name in names:
             config = copy.deepcopy(self.lora_config)
-            if hasattr(backbone, "add_adapter"):  # diffusers models: their own peft hook
-                backbone.add_adapter(config, adapter_name=name)
-            else:
-                inject_adapter_in_model(config, backbone, adapter_name=name)
+            with warnings.catch_warnings():
+                # peft warns that a layer without a base bias cannot be merged with its LoRA
+                # bias; adapters here are never merged into the shared base
+                warnings.filterwarnings("ignore", message=".*lora_bias=True.*has no bias.*")
+                if hasattr(backbone, "add_adapter"):  # diffusers models: their own peft hook
+                    backbone.add_adapter(config, adapter_name=name)
+                else:
+                    inject_adapter_in_model(config, backbone, adapter_name=name)
         self._layers = [m for m in backbone.modules() if _is_lora_layer(m)]
         self._params = dict.fromkeys(names)
         self.rebind_params()
@@ -177,7 +200,10 @@ class SharedBaseRoles(_Switching):
         """The role's adapter weights with the adapter name taken out of the keys."""
         from peft import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.backbone, adapter_name=role)
+        with warnings.catch_warnings():
+            # peft takes a 1-D lora_B for an unsharded FSDP shard; with lora_bias it is the bias
+            warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape.*")
+            return get_peft_model_state_dict(self.backbone, adapter_name=role)
 
     def load_state_dict(self, role: str, state: dict[str, torch.Tensor]):
         from peft import set_peft_model_state_dict
@@ -252,12 +278,12 @@ class MixedRoles(_Switching):
 
     Args:
         modes: ``{role: "lora" | "full"}`` for every trained role.
-        rank, alpha, target_modules: the LoRA shape of the ``lora`` roles.
+        rank, alpha, target_modules, lora_bias: the LoRA shape of the ``lora`` roles.
     """
 
     def __init__(self, backbone: nn.Module, modes: dict[str, str], rank: int = 16,
-                 alpha: float | None = None, target_modules: list[str] | None = None,
-                 ema: bool = True, ema_of: str = "student"):
+                 alpha: float | None = None, target_modules: list[str] | str | None = None,
+                 lora_bias: bool = False, ema: bool = True, ema_of: str = "student"):
         unknown = {r: m for r, m in modes.items() if m not in ("lora", "full")}
         if unknown:
             raise ValueError(f"role modes must be 'lora' or 'full', got {unknown}")
@@ -270,7 +296,7 @@ class MixedRoles(_Switching):
         # copies first: the base gets its adapters below, and a full role must not hold them
         self.full = SeparateRoles(backbone, roles=full, ema=ema_full, ema_of=ema_of)
         self.shared = SharedBaseRoles(backbone, roles=lora, rank=rank, alpha=alpha,
-                                      target_modules=target_modules,
+                                      target_modules=target_modules, lora_bias=lora_bias,
                                       ema=ema and not ema_full, ema_of=ema_of)
         self.backbone = backbone
         self.networks = {r: m for r, m in self.full.networks.items() if r != TEACHER}

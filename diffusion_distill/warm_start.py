@@ -86,15 +86,17 @@ def _lora_state(folder, nets, teacher, recipe, fingerprint, full) -> dict:
                          "student.mode=lora with the export's rank "
                          f"({config.get('lora', {}).get('rank')})")
     lora, ours = config.get("lora", {}), nets.roles.lora_config
-    ours = {"rank": ours.r, "alpha": ours.lora_alpha, "target_modules": sorted(ours.target_modules)}
+    ours = {"rank": ours.r, "alpha": ours.lora_alpha, "target_modules": sorted(ours.target_modules),
+            "lora_bias": ours.lora_bias}
     theirs = {"rank": lora.get("rank"), "alpha": lora.get("alpha"),
-              "target_modules": sorted(lora.get("target_modules") or [])}
+              "target_modules": sorted(lora.get("target_modules") or []),
+              "lora_bias": lora.get("lora_bias", False)}
     diff = [f"{k}: export {theirs[k]!r}, this run {ours[k]!r}" for k in ours
             if theirs[k] != ours[k]]
     if diff:
         raise ValueError(f"student.init {folder!r} has another LoRA layout than this run's "
                          f"student: {'; '.join(diff)}. Set student.rank / student.alpha / "
-                         f"student.target_modules to the export's (rank {theirs['rank']})")
+                         f"student.target_modules / student.lora_bias to the export's (rank {theirs['rank']})")
     prefix = config.get("component") or _component(teacher)
     state = load_file(os.path.join(folder, LORA_FILE))
     return {k[len(prefix) + 1:] if k.startswith(prefix + ".") else k: v
