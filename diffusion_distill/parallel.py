@@ -186,10 +186,11 @@ class ShardedRun:
     the gradients after each backward (HSDP with shards of one: data parallel through the
     engine). ``fsdp``: a 1-D mesh: weights, gradients and AdamW state split over the
     processes, each block gathered while it runs. Either way the loop sees DTensor parameters;
-    checkpoints hold full tensors (``full_state``), so a run resumes at any process count.
+    checkpoints are written and read through ``torch.distributed.checkpoint`` (each process
+    its shards; see :mod:`.checkpoint`), so a run resumes at any process count.
 
-    Built after the run's weights are loaded (a checkpoint, a warm start) and before its
-    optimizers, which then hold each process's shard of the state.
+    Built after a fresh run's warm start and before the optimizers, which then hold each
+    process's shard of the state; a checkpoint is read after both (DCP fills the shards).
     """
 
     def __init__(self, nets, parallel: str, world: int, device, param_dtype=None,
@@ -220,34 +221,3 @@ class ShardedRun:
 
     def backward(self, loss, inputs):
         self._backward.backward(loss, inputs)
-
-    @staticmethod
-    def full_state(state: dict) -> dict:
-        """A state dict with every DTensor gathered to a full tensor (every process calls it:
-        it is a collective)."""
-        from torch.distributed.tensor import DTensor
-
-        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
-
-    def full_optimizer_state(self, optimizer) -> dict:
-        """``optimizer.state_dict()`` with full tensors (a collective, like ``full_state``)."""
-        state = optimizer.state_dict()
-        return {"state": {i: self.full_state(s) for i, s in state["state"].items()},
-                "param_groups": state["param_groups"]}
-
-    def load_optimizer_state(self, optimizer, state: dict) -> None:
-        """Load a full-tensor optimizer state into an optimizer over DTensor parameters: each
-        state tensor shaped like its parameter is split like it (no communication: every
-        process read the same checkpoint)."""
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        converted = {}
-        for i, entry in state["state"].items():
-            p = params[int(i)]
-            converted[i] = {
-                k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements,
-                                     src_data_rank=None)
-                if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape else v
-                for k, v in entry.items()}
-        optimizer.load_state_dict({"state": converted, "param_groups": state["param_groups"]})

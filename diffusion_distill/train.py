@@ -54,7 +54,7 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
     """
     from accelerate import Accelerator
 
-    from .checkpoint import load_latest_good
+    from .checkpoint import find_latest_good
 
     recipe = load_recipe(recipe, overrides)
     check_device(recipe["train"])
@@ -95,7 +95,7 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
             prepare_run_dir(recipe, new_run=new_run, log=print)
             if accelerator.num_processes > 1:
                 # corrupt checkpoints are set aside once, here, before every process loads
-                load_latest_good(run_dir, set_aside=True)
+                find_latest_good(run_dir, set_aside=True)
         accelerator.wait_for_everyone()
         return _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
                              teacher_changed, data, parallel)
@@ -116,27 +116,11 @@ def _release_accelerator_state(mixed_precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
-class _Saved:
-    """An optimizer's state as ``save_checkpoint`` reads it (``state_dict()``)."""
-
-    def __init__(self, state):
-        self._state = state
-
-    def state_dict(self):
-        return self._state
-
-
 def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
                   teacher_changed=False, data=None, parallel="none"):
     from tqdm.auto import tqdm
 
-    from .checkpoint import (
-        load_latest_good,
-        load_role_weights,
-        not_fitting,
-        run_roles,
-        save_checkpoint,
-    )
+    from .checkpoint import find_latest_good, load_into, run_roles, save_checkpoint
     from .eval.in_training import InTrainingEval
     from .run_log import RunLog
 
@@ -176,26 +160,16 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
         # refused now, not after the whole training
         check_output_dir(os.path.join(run_dir, "export"), EXPORT_MARKERS, "export folder")
 
-    def unfit(e):
-        return not_fitting(run_dir, e)
-
-    # Weights are loaded into the whole networks, before any sharding; the optimizers (built
-    # on the sharded parameters) take their state afterwards. Checkpoints hold full tensors,
-    # so a run resumes at any process count.
-    optim_pending: dict = {}
-
-    def apply(weights, optim_states, state):
-        load_role_weights(nets, weights, optim_states, state, weight_roles, objective.roles,
-                          run_dir, device)
-        optim_pending.clear()
-        optim_pending.update(optim_states)
-
+    # The checkpoint is chosen (its files checked, no tensor read) before sharding, read after
+    # the networks are sharded and the optimizers built on them: DCP reads each process's
+    # slice of every tensor, whatever the process count that wrote it.
     start = 0
     train_seconds = 0.0  # wall time inside train_step only (no eval, logging or checkpoints)
-    found = load_latest_good(run_dir, apply, set_aside=main and world == 1)
+    found = find_latest_good(run_dir, weight_roles, objective.roles,
+                             set_aside=main and world == 1)
     fingerprint = files.teacher_fingerprint  # recorded in each checkpoint's state
     if found:
-        ckpt, _, _, state = found
+        ckpt, state = found.path, found.state
         start = state["step"]
         recorded = state.get("teacher_fingerprint")
         if recorded and fingerprint and recorded != fingerprint and not teacher_changed:
@@ -225,25 +199,13 @@ def _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
                              offload=cfg["fsdp_offload"], autocast=accelerator.autocast)
     optimizers = build_optimizers(objective, nets, cfg)
     if found:
-        try:
-            for r, opt in optimizers.items():
-                if sharded is not None:
-                    sharded.load_optimizer_state(opt, optim_pending[r])
-                else:
-                    opt.load_state_dict(optim_pending[r])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise unfit(e) from e
+        load_into(found, nets, optimizers, weight_roles, run_dir, collective=sharded is not None)
 
     def checkpoint(step):
-        if sharded is not None:  # every process gathers (a collective); one writes
-            weights = {r: sharded.full_state(nets.state_dict(r)) for r in weight_roles}
-            optim = {r: _Saved(sharded.full_optimizer_state(o)) for r, o in optimizers.items()}
-        elif main:
-            weights, optim = {r: nets.state_dict(r) for r in weight_roles}, optimizers
-        if main:
-            save_checkpoint(run_dir, step, weights, optim,
-                            {"name": recipe["name"], "train_seconds": train_seconds,
-                             "teacher_fingerprint": fingerprint},
+        if sharded is not None or main:  # sharded: every process writes its shards (DCP)
+            save_checkpoint(run_dir, step, {r: nets.state_dict(r) for r in weight_roles},
+                            optimizers, {"name": recipe["name"], "train_seconds": train_seconds,
+                                         "teacher_fingerprint": fingerprint},
                             keep=cfg["keep_checkpoints"])
         accelerator.wait_for_everyone()
 

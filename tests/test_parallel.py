@@ -12,7 +12,7 @@ import yaml
 from conftest import tiny_recipe
 from safetensors.torch import load_file
 
-from diffusion_distill.checkpoint import latest_checkpoint
+from diffusion_distill.checkpoint import latest_checkpoint, load_checkpoint
 from diffusion_distill.parallel import _launcher_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +45,9 @@ def _torchrun(n, port=None):
 
 
 def _weights(run_dir):
-    return load_file(os.path.join(latest_checkpoint(run_dir), "weights.safetensors"))
+    """The latest checkpoint's weights as whole tensors (a several-process one is sharded)."""
+    weights, _, _ = load_checkpoint(latest_checkpoint(run_dir))
+    return {f"{role}/{k}": v for role, sd in weights.items() for k, v in sd.items()}
 
 
 def _export(run_dir):
@@ -108,6 +110,9 @@ def test_fsdp_resumes_at_another_process_count(tiny_sd_path, tmp_path, one_proce
     recipe["train"]["stop_after"] = 2
     out = _launch(_torchrun(first), recipe, tmp_path, "first")
     assert out.returncode == 0, out.stderr[-3000:]
+    files = os.listdir(latest_checkpoint(recipe["output"]["dir"]))
+    # two processes: one shard file each (torch.distributed.checkpoint), nothing gathered
+    assert (sum(f.startswith("shard-") for f in files) == 2) == (first == 2), files
     recipe["train"]["stop_after"] = None
     out = _launch(_torchrun(second), recipe, tmp_path, "second")
     assert out.returncode == 0, out.stderr[-3000:]
