@@ -61,11 +61,12 @@ class UserError(ValueError):
 
 
 def _user_errors():
+    from .parallel import ProcessLostError
     from .step import NonFiniteLossError
 
     # Errors meant for people: the message says what was given, why not and what to do.
     return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            FileExistsError, PermissionError, NonFiniteLossError)
+            FileExistsError, PermissionError, NonFiniteLossError, ProcessLostError)
 
 
 def check_flags(args):

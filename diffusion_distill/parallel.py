@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 
 import torch
 from torch import nn
@@ -221,3 +222,73 @@ class ShardedRun:
 
     def backward(self, loss, inputs):
         self._backward.backward(loss, inputs)
+
+
+# -- a process lost ----------------------------------------------------------------------------
+
+class ProcessLostError(RuntimeError):
+    """Another process of a several-process run ended (or stopped answering): this one stops
+    too, saying which it is and how the run goes on."""
+
+
+# what a collective says when a peer is gone (gloo, NCCL) or never answers (the timeout)
+LOST_PEER = ("connection closed by peer", "connection reset", "broken pipe", "timed out",
+             "timeout", "gloo", "nccl", "socket")
+
+
+def _is_lost_peer(e: BaseException) -> bool:
+    import torch.distributed as dist
+    from torch.distributed.checkpoint import CheckpointException
+
+    if isinstance(e, (dist.DistError, CheckpointException)):
+        return True
+    return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in LOST_PEER)
+
+
+def lost_process_message(rank: int, world: int, run_dir: str, timeout: float, cause: str) -> str:
+    from .checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(run_dir)
+    resume = (f"it resumes from checkpoint {int(os.path.basename(last).rsplit('_', 1)[1])} "
+              f"({last})" if last else "it starts over: no checkpoint was written yet")
+    return (f"process {rank} of {world} stopped ({cause}): another process of this run ended "
+            "(the launcher's report names its rank and why) or did not answer within "
+            f"train.dist_timeout={timeout:g} s. Rerun the same command: {resume}")
+
+
+@contextlib.contextmanager
+def stop_when_a_process_is_lost(rank: int, world: int, run_dir: str, timeout: float):
+    """Turn the loss of another process into :class:`ProcessLostError` with the toolkit's
+    message, on whichever process notices it first: a collective that fails (the peer's
+    sockets closed, or no answer within the process group's ``timeout``), or the launcher's
+    SIGTERM (torchrun stops the others when one fails). Never a hang, never a bare
+    traceback from deep inside a collective."""
+    import signal
+
+    if world == 1:
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise ProcessLostError(lost_process_message(rank, world, run_dir, timeout,
+                                                    "stopped by its launcher, SIGTERM"))
+    try:
+        previous = signal.signal(signal.SIGTERM, terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        yield
+    except ProcessLostError:
+        raise
+    except BaseException as e:
+        if not _is_lost_peer(e):
+            raise
+        # gloo's "[.../pair.cc:553] Connection closed by peer [127.0.0.1]:7056. This is ...":
+        # its first sentence, without the source location
+        text = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(e).split()))
+        cause = text.split(". ")[0][:200] or type(e).__name__
+        raise ProcessLostError(lost_process_message(rank, world, run_dir, timeout,
+                                                    cause)) from e
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

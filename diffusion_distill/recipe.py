@@ -134,6 +134,8 @@ DEFAULTS: dict = {
         "parallel": "auto",        # auto | none | ddp | fsdp: how several processes share the
                                    # work (auto: ddp when several processes run; see train.py)
         "fsdp_offload": False,     # parallel fsdp: keep shards and AdamW state in CPU memory
+        "dist_timeout": 600,       # several processes: seconds a collective waits for the
+                                   # others before the run stops (one lost, or stuck)
     },
     "output": {
         "dir": None,               # default runs/<name>
@@ -308,6 +310,7 @@ _RULES = [
     ("train.parallel", lambda v: v in ("auto", "none", "ddp", "fsdp"),
      "one of auto, none, ddp, fsdp"),
     ("train.fsdp_offload", lambda v: isinstance(v, bool), "true or false"),
+    ("train.dist_timeout", lambda v: math.isfinite(v) and v > 0, "a number of seconds > 0"),
     ("train.optimizer", lambda v: v in ("adamw", "adamw8bit"), "adamw or adamw8bit"),
     ("train.attention", lambda v: v in _attention_backends(), _AttentionBackends()),
     ("student.mode", lambda v: v in ("lora", "full"), "lora or full"),

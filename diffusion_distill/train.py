@@ -77,8 +77,15 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
     if data is None:
         check_data_path(recipe)
     _release_accelerator_state(cfg["mixed_precision"])
-    accelerator = Accelerator(cpu=on_cpu, mixed_precision=cfg["mixed_precision"])
-    from .parallel import check_launch, resolve_parallel
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # a finite wait in every collective: a lost process stops the others, never a hang
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg["dist_timeout"]))
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=cfg["mixed_precision"],
+                              kwargs_handlers=[timeout])
+    from .parallel import check_launch, resolve_parallel, stop_when_a_process_is_lost
 
     check_launch(accelerator.num_processes)  # asked for N processes, got one: refused
     parallel = resolve_parallel(cfg, accelerator.num_processes)
@@ -96,6 +103,8 @@ def train(recipe: dict | str, overrides=(), progress: bool = True, teacher=None,
             if accelerator.num_processes > 1:
                 # corrupt checkpoints are set aside once, here, before every process loads
                 find_latest_good(run_dir, set_aside=True)
+        stack.enter_context(stop_when_a_process_is_lost(
+            accelerator.process_index, accelerator.num_processes, run_dir, cfg["dist_timeout"]))
         accelerator.wait_for_everyone()
         return _train_locked(recipe, accelerator, teacher, networks, return_nets, progress,
                              teacher_changed, data, parallel)

@@ -12,7 +12,7 @@ import yaml
 from conftest import tiny_recipe
 from safetensors.torch import load_file
 
-from diffusion_distill.checkpoint import latest_checkpoint, load_checkpoint
+from diffusion_distill.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from diffusion_distill.parallel import _launcher_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,18 +154,24 @@ def test_a_killed_process_ends_the_run_with_an_error_and_the_rerun_resumes(tiny_
 
     import psutil
 
+    """SIGKILL one rank mid-run: the other stops with the toolkit's message (its own rank,
+    the rerun command, the checkpoint it resumes from) within the process group's timeout,
+    and rerunning the same command resumes there. Catches: a survivor left hanging in a
+    collective (no finite timeout, or the error swallowed), a bare traceback from inside the
+    collective instead of the message, a half-written checkpoint (the .tmp_ folder of a save
+    the kill cut short) taken as the latest."""
     recipe = tiny_recipe(tiny_sd_path, tmp_path / "run", steps=40, checkpoint_every=2,
-                         batch_size=4)
+                         batch_size=4, dist_timeout=60)
     path = tmp_path / "kill.yaml"
     path.write_text(yaml.safe_dump(recipe))
     cmd = _torchrun(2) + ["-m", "diffusion_distill.cli", "train", str(path), "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=ENV)
-    ckpts = os.path.join(recipe["output"]["dir"], "checkpoints")
+    run = recipe["output"]["dir"]
     deadline = time.time() + 300
-    while not (os.path.isdir(ckpts) and os.listdir(ckpts)) and time.time() < deadline:
+    while not list_checkpoints(run) and time.time() < deadline:
         time.sleep(0.5)
-    assert os.listdir(ckpts), "no checkpoint was written"
+    assert list_checkpoints(run), "no checkpoint was written"
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                if p.environ().get("RANK") == "1"]
     assert workers, "no rank-1 worker found"
@@ -173,7 +179,9 @@ def test_a_killed_process_ends_the_run_with_an_error_and_the_rerun_resumes(tiny_
     _, err = proc.communicate(timeout=120)  # the other rank is stopped, never left hanging
     assert proc.returncode != 0
     assert "Signal 9 (SIGKILL)" in err or "exitcode  : -9" in err, err[-2000:]
-    last = int(latest_checkpoint(recipe["output"]["dir"]).rsplit("_", 1)[1])
+    last = int(latest_checkpoint(run).rsplit("_", 1)[1])
+    assert "error: process 0 of 2 stopped" in err, err[-3000:]
+    assert f"Rerun the same command: it resumes from checkpoint {last} " in err, err[-3000:]
     recipe["train"]["steps"] = last + 2  # the rerun finishes two steps later
     out = _launch(_torchrun(2), recipe, tmp_path, "rerun")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -216,3 +224,27 @@ def test_fsdp_with_full_networks_on_a_flow_teacher_matches_one_process(tiny_sd3_
     assert any(k.startswith("student/") for k in runs[1])
     for one, two in zip(logs[1], logs[2]):
         assert two == pytest.approx(one, rel=1e-5, abs=1e-7)
+
+
+def test_a_lost_process_is_told_apart_from_other_errors(tmp_path):
+    """In-process, no launch: a collective's failure (gloo's wording) becomes the toolkit's
+    message with the checkpoint the rerun resumes from; any other error passes unchanged, and
+    one process is left alone. Catches: a guard that renames every error (a user's mistake
+    shown as a lost process), or that names no checkpoint."""
+    from diffusion_distill.checkpoint import save_checkpoint
+    from diffusion_distill.parallel import ProcessLostError, stop_when_a_process_is_lost
+
+    save_checkpoint(str(tmp_path), 6, {"student": {"w": torch.ones(2)}}, {}, {})
+    gloo = RuntimeError("[/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                        "[127.0.0.1]:7056. This is typically caused by a crash")
+    with pytest.raises(ProcessLostError, match=r"^process 1 of 2 stopped \(Connection closed "
+                       r"by peer \[127.0.0.1\]:7056\).*train.dist_timeout=30 s. Rerun the same "
+                       r"command: it resumes from checkpoint 6 \("), \
+            stop_when_a_process_is_lost(1, 2, str(tmp_path), 30):
+        raise gloo
+    with pytest.raises(ValueError, match="a user's mistake"), \
+            stop_when_a_process_is_lost(1, 2, str(tmp_path), 30):
+        raise ValueError("a user's mistake")
+    with pytest.raises(RuntimeError, match="Connection closed"), \
+            stop_when_a_process_is_lost(0, 1, str(tmp_path), 30):  # one process: nothing lost
+        raise gloo
