@@ -328,6 +328,11 @@ def save_checkpoint(run_dir: str, step: int, weights: dict[str, dict[str, torch.
     if main:
         for _, old in list_checkpoints(run_dir)[:-keep] if keep else []:
             shutil.rmtree(old, ignore_errors=True)
+        root = os.path.dirname(final)
+        for name in os.listdir(root):  # what a killed sharded save left (never a checkpoint)
+            m = re.match(r"^\.tmp_step_(\d+)$", name)
+            if m and int(m.group(1)) <= step:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     return final
 
 

@@ -152,7 +152,7 @@ def test_a_half_written_sharded_checkpoint_is_never_resumed_from(two_process_che
     """A newer checkpoint with one shard file gone, and the temporary folder a killed save
     leaves: the run resumes from the complete one. Catches: a load that trusts whatever
     files are there (DCP alone reads a missing shard's rows as never written), a temporary
-    folder taken for a checkpoint."""
+    folder taken for a checkpoint, temporary folders left to pile up."""
     run = tmp_path / "run"
     shutil.copytree(two_process_checkpoint / "checkpoints", run / "checkpoints")
     good = ck.latest_checkpoint(str(run))
@@ -170,3 +170,6 @@ def test_a_half_written_sharded_checkpoint_is_never_resumed_from(two_process_che
     (partial / "state.json").write_text(json.dumps(state))
     with pytest.raises(ck.CheckpointError, match=r"only partly or not at all: a shard file is"):
         ck.open_checkpoint(str(partial))
+    # the next save clears what the killed one left
+    ck.save_checkpoint(str(run), 8, {"student": _net().state_dict()}, {}, {})
+    assert not (run / "checkpoints" / ".tmp_step_0000006").exists()

@@ -166,7 +166,8 @@ def test_a_killed_process_ends_the_run_with_an_error_and_the_rerun_resumes(tiny_
     and rerunning the same command resumes there. Catches: a survivor left hanging in a
     collective (no finite timeout, or the error swallowed), a bare traceback from inside the
     collective instead of the message, a half-written checkpoint (the .tmp_ folder of a save
-    the kill cut short) taken as the latest."""
+    the kill cut short) taken as the latest, and under two processes a corrupt latest
+    checkpoint not set aside (or loaded by some ranks and not others)."""
     recipe = tiny_recipe(tiny_sd_path, tmp_path / "run", steps=40, checkpoint_every=2,
                          batch_size=4, dist_timeout=60)
     path = tmp_path / "kill.yaml"
@@ -176,9 +177,9 @@ def test_a_killed_process_ends_the_run_with_an_error_and_the_rerun_resumes(tiny_
                             text=True, env=ENV)
     run = recipe["output"]["dir"]
     deadline = time.time() + 300
-    while not list_checkpoints(run) and time.time() < deadline:
-        time.sleep(0.5)
-    assert list_checkpoints(run), "no checkpoint was written"
+    while len(list_checkpoints(run)) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert len(list_checkpoints(run)) == 2, "no two checkpoints were written"
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                if p.environ().get("RANK") == "1"]
     assert workers, "no rank-1 worker found"
@@ -189,11 +190,19 @@ def test_a_killed_process_ends_the_run_with_an_error_and_the_rerun_resumes(tiny_
     last = int(latest_checkpoint(run).rsplit("_", 1)[1])
     assert "error: process 0 of 2 stopped" in err, err[-3000:]
     assert f"Rerun the same command: it resumes from checkpoint {last} " in err, err[-3000:]
+    # and that checkpoint is then found corrupt (a shard cut short): the rerun, still on two
+    # processes, sets it aside and resumes from the one before
+    latest = latest_checkpoint(run)
+    shard = max(f for f in os.listdir(latest) if f.startswith("shard-"))
+    with open(os.path.join(latest, shard), "r+b") as f:
+        f.truncate(100)
+    previous = list_checkpoints(run)[-2][0]
     recipe["train"]["steps"] = last + 2  # the rerun finishes two steps later
     out = _launch(_torchrun(2), recipe, tmp_path, "rerun")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"from step {last}" in out.stdout
-    assert int(latest_checkpoint(recipe["output"]["dir"]).rsplit("_", 1)[1]) == last + 2
+    assert f"from step {previous}" in out.stdout and "falling back" in out.stderr
+    assert [s for s, _ in list_checkpoints(run)][-1] == last + 2
+    assert any(n.startswith(f"corrupt_step_{last:07d}") for n in os.listdir(os.path.dirname(latest)))
 
 
 def test_a_full_critic_beside_a_lora_student_is_averaged_too(tiny_sd_path, tmp_path):
