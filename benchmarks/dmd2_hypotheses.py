@@ -24,9 +24,11 @@ are in EfficientNet-Lite0 ImageNet feature space (128 px): NOT Inception FIDs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import threading
 
 from harness import (
     ROOT,
@@ -139,16 +141,26 @@ def main(argv=None):
         recipe = load_recipe(os.path.join(ROOT, "recipes", f"dmd2_{a.teacher}.yaml"), [
             *overrides, f"train.steps={a.steps}", f"train.eval_every={a.eval_every}",
             f"train.eval_num={a.eval_num}", "output.export=false", f"output.dir={run_dir}"])
-        rows = train_and_evaluate(recipe)
-        curve = [{"step": r["step"], "train_seconds": r.get("train_seconds"), "fd": r["fd"],
-                  "fd_ratio": r["fd"] / teacher_row["fd"], "fd_teacher": r.get("fd_teacher"),
-                  "alignment": r["alignment"]["whole_prompt"], "recall": r["recall"],
-                  "worst_share": r["alignment"].get("worst_share"),
-                  "attributes": _attributes(r)} for r in rows]
-        last = curve[-1]
-        result["runs"][name] = {"hypothesis": hypothesis, "overrides": overrides,
-                                "final": {k: v for k, v in last.items() if k != "attributes"},
-                                "final_attributes": last["attributes"], "curve": curve}
+        def entry(rows, hypothesis=hypothesis, overrides=overrides):
+            curve = [{"step": r["step"], "train_seconds": r.get("train_seconds"), "fd": r["fd"],
+                      "fd_ratio": r["fd"] / teacher_row["fd"], "fd_teacher": r.get("fd_teacher"),
+                      "alignment": r["alignment"]["whole_prompt"], "recall": r["recall"],
+                      "worst_share": r["alignment"].get("worst_share"),
+                      "attributes": _attributes(r)} for r in rows]
+            last = curve[-1]
+            return {"hypothesis": hypothesis, "overrides": overrides,
+                    "final": {k: v for k, v in last.items() if k != "attributes"},
+                    "final_attributes": last["attributes"], "curve": curve,
+                    "load_average": os.getloadavg()}  # the shared machine's, at the last point
+
+        def partial(rows, name=name, entry=entry):  # a long run's curve so far, on disk
+            write_json(out, {**result, "runs": {**_earlier_runs(out, a), name: {
+                **entry(rows), "partial": f"training to step {a.steps}"}}})
+
+        with _as_it_goes(run_dir, partial):
+            rows = train_and_evaluate(recipe)
+        result["runs"][name] = entry(rows)
+        last = result["runs"][name]["final"]
         print(f"[hypotheses] {name}: FD {last['fd']:.1f} ({last['fd_ratio']:.2f}x), FD-T "
               f"{last['fd_teacher']:.1f}, alignment {last['alignment']:.3f}, recall "
               f"{last['recall']:.2f}, worst share {last['worst_share']}", flush=True)
@@ -159,6 +171,29 @@ def main(argv=None):
     _plot(result, out[:-len(".json")] + ".png")
     print(f"[hypotheses] -> {out}")
     return 0
+
+
+@contextlib.contextmanager
+def _as_it_goes(run_dir, write, every: float = 30.0):
+    """While the block trains into ``run_dir``, ``write(rows)`` each time its evaluation curve
+    (``eval.jsonl``) has grown: an hour-long run's results are on disk as it goes."""
+    stop = threading.Event()
+
+    def watch():
+        seen = 0
+        while not stop.wait(every):
+            rows = eval_rows(run_dir)
+            if len(rows) > seen:
+                seen = len(rows)
+                write(rows)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
 
 
 def _teacher_few_steps(a, protocol) -> float:
