@@ -134,7 +134,7 @@ DEFAULTS: dict = {
         "parallel": "auto",        # auto | none | ddp | fsdp: how several processes share the
                                    # work (auto: ddp when several processes run; see train.py)
         "fsdp_offload": False,     # parallel fsdp: keep shards and AdamW state in CPU memory
-        "dist_timeout": 600,       # several processes: seconds a collective waits for the
+        "dist_timeout": 1800,      # several processes: seconds a collective waits for the
                                    # others before the run stops (one lost, or stuck)
     },
     "output": {
