@@ -252,8 +252,10 @@ def lost_process_message(rank: int, world: int, run_dir: str, timeout: float, ca
     resume = (f"it resumes from checkpoint {int(os.path.basename(last).rsplit('_', 1)[1])} "
               f"({last})" if last else "it starts over: no checkpoint was written yet")
     return (f"process {rank} of {world} stopped ({cause}): another process of this run ended "
-            "(the launcher's report names its rank and why) or did not answer within "
-            f"train.dist_timeout={timeout:g} s. Rerun the same command: {resume}")
+            "or did not answer within "
+            f"train.dist_timeout={timeout:g} s (its own error, or the launcher's report, names "
+            "its rank and why; if it is an error of the run, deal with it first). Rerun the "
+            f"same command: {resume}")
 
 
 @contextlib.contextmanager

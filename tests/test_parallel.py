@@ -254,7 +254,7 @@ def test_a_lost_process_is_told_apart_from_other_errors(tmp_path):
     gloo = RuntimeError("[/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
                         "[127.0.0.1]:7056. This is typically caused by a crash")
     with pytest.raises(ProcessLostError, match=r"^process 1 of 2 stopped \(Connection closed "
-                       r"by peer \[127.0.0.1\]:7056\).*train.dist_timeout=30 s. Rerun the same "
+                       r"by peer \[127.0.0.1\]:7056\).*train.dist_timeout=30 s .*\. Rerun the same "
                        r"command: it resumes from checkpoint 6 \("), \
             stop_when_a_process_is_lost(1, 2, str(tmp_path), 30):
         raise gloo
