@@ -47,7 +47,9 @@ class TeacherPairs:
 
 def describe(teacher, fingerprint: str, num: int, steps: int, guidance: float,
              seed: int) -> dict:
-    """What a cache must have been made with to be reused (compared key by key)."""
+    """What a cache was made with; all but ``teacher`` (the folder it was loaded from, kept
+    for the reader) must match for it to be reused: the base weights' fingerprint says which
+    teacher, so a moved checkout or a copied run folder keeps its pairs."""
     return {"teacher": str(teacher.path), "base_fingerprint": fingerprint,
             "latent_shape": list(teacher.latent_shape), "num": int(num), "steps": int(steps),
             "guidance": float(guidance), "seed": int(seed), "sampler": "ddim eta 0"}
@@ -79,7 +81,7 @@ def load_or_make(run_dir: str, teacher, fingerprint: str, prompts_fn, num: int,
             meta = f.metadata() or {}
             have = json.loads(meta.get("settings", "{}"))
             diff = [f"{k}: {have.get(k)!r} (cache) vs {v!r} (this run)" for k, v in want.items()
-                    if have.get(k) != v]
+                    if k != "teacher" and have.get(k) != v]
             if diff:
                 what = ("another teacher" if "base_fingerprint" in " ".join(diff)
                         else "other settings")

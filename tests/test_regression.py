@@ -1,5 +1,6 @@
 """DMD's regression loss on cached teacher pairs (method.regression_weight)."""
 import os
+import shutil
 
 import pytest
 import torch
@@ -52,7 +53,8 @@ def test_regression_pulls_the_student_onto_the_teachers_noise_to_sample_map(tmp_
 
 def test_pairs_resume_after_an_interruption_and_refuse_another_teacher(tiny_sd_path, tmp_path):
     """Catches: a cache rebuilt from scratch (or with other noise) after an interruption; a
-    cache of another teacher silently reused."""
+    cache of another teacher silently reused; the same teacher's cache refused because its
+    folder moved (a copied run folder, another checkout of an embedded teacher)."""
     from diffusion_distill.tiny import tiny_sd
 
     recipe = load_recipe(tiny_recipe(tiny_sd_path, tmp_path / "run"))
@@ -89,6 +91,16 @@ def test_pairs_resume_after_an_interruption_and_refuse_another_teacher(tiny_sd_p
     torch.testing.assert_close(resumed.z, whole.z, rtol=0, atol=0)
     torch.testing.assert_close(resumed.y, whole.y, rtol=1e-5, atol=1e-5)
     assert resumed.prompts == whole.prompts
+
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_sd_path, moved)
+    recipe["teacher"]["path"] = str(moved)
+    moved_teacher, _, _ = setup_run(recipe)
+    moved_teacher.sample = interrupted
+    calls.clear()
+    again = teacher_pairs.load_or_make(run, moved_teacher, fp(moved_teacher), prompts, 40,
+                                       steps=4, guidance=3.0, log=lambda s: None)
+    assert calls == [] and torch.equal(again.y, resumed.y)
 
     other = tmp_path / "other"
     tiny_sd(seed=5).save_pretrained(other)
