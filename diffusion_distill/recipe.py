@@ -125,6 +125,8 @@ DEFAULTS: dict = {
         "log_every": 10,
         "eval_every": 0,           # a cheap evaluation into the run log every N steps (0: off)
         "eval_num": 64,
+        "eval_batch_size": 32,     # prompts per sampling call of that evaluation; several
+                                   # processes share these batches out (eval/in_training.py)
         "device": "auto",          # auto | cpu | cuda
         "stop_after": None,        # stop early at this step (tests; the schedule still says steps)
         "attention": "native",     # acceleration.BACKENDS (native: torch's choice); what
@@ -291,6 +293,7 @@ _RULES = [
     ("train.keep_checkpoints", lambda v: v >= 0, "an integer >= 0 (0: keep all)"),
     ("train.eval_every", lambda v: v >= 0, "an integer >= 0 (0: off)"),
     ("train.eval_num", lambda v: v >= 4, "an integer >= 4"),
+    ("train.eval_batch_size", *_POSITIVE_INT),
     ("train.stop_after", *_POSITIVE_INT),
     ("train.seed", lambda v: v >= 0, "an integer >= 0"),
     ("train.lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0, e.g. 1e-4"),

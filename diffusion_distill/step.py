@@ -49,6 +49,11 @@ class Randomness:
         """One integer in [0, high), the same on every process (e.g. a student step index)."""
         return int(torch.randint(high, (1,), generator=self.gen))
 
+    def uniform(self) -> float:
+        """One number in [0, 1), the same on every process (e.g. one guidance scale for the
+        whole global batch); one process draws the same value ``rand(1)[0]`` would."""
+        return float(torch.rand((1,), generator=self.gen)[0])
+
     def seed(self) -> int:
         """A seed shared by all processes (e.g. for the procedural data)."""
         return int(torch.randint(2**31 - 1, (1,), generator=self.gen))

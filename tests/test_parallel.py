@@ -20,12 +20,12 @@ PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _launch(launcher, recipe, tmp_path, name):
+def _launch(launcher, recipe, tmp_path, name, env=None):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     cmd = launcher + ["-m", "diffusion_distill.cli", "train", str(path), "--no-progress"]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600,
-                          check=False)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env or ENV,
+                          timeout=600, check=False)
 
 
 def _metrics(run_dir):
@@ -52,6 +52,30 @@ def _weights(run_dir):
 
 def _export(run_dir):
     return load_file(os.path.join(run_dir, "export", "pytorch_lora_weights.safetensors"))
+
+
+def _exported(run_dir):
+    """Every tensor of every safetensors file the export wrote (a LoRA, or a full UNet)."""
+    found = {}
+    for folder, _, files in os.walk(os.path.join(run_dir, "export")):
+        for name in files:
+            if name.endswith(".safetensors"):
+                rel = os.path.relpath(os.path.join(folder, name), run_dir)
+                found.update({f"{rel}:{k}": v
+                              for k, v in load_file(os.path.join(folder, name)).items()})
+    return found
+
+
+def _eval_rows(run_dir):
+    """eval.jsonl without what is timed or counted per process."""
+    with open(os.path.join(run_dir, "eval.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k not in UNCOMPARED} for r in rows], \
+        [r["samples_per_process"] for r in rows]
+
+
+UNCOMPARED = {"seconds_per_image", "feature_seconds_per_image", "metric_seconds",
+              "total_seconds", "train_seconds", "samples_per_process"}
 
 
 def _close(a, b, what):
@@ -264,3 +288,89 @@ def test_a_lost_process_is_told_apart_from_other_errors(tmp_path):
     with pytest.raises(RuntimeError, match="Connection closed"), \
             stop_when_a_process_is_lost(0, 1, str(tmp_path), 30):  # one process: nothing lost
         raise gloo
+
+
+# One 1-process reference per setup (module scope), each compared with 2 processes. The eval
+# setup: a two-step student on the flow teacher, whose re-noising draws are seeded per
+# sampling batch, so a process count that changed the batches would change the samples;
+# 10 prompts in batches of 4 share out unevenly (process 0: 4 + 2, process 1: 4 + one dropped
+# call, which FSDP2's collective forward needs).
+EVAL = {"eval_every": 2, "eval_num": 10, "eval_batch_size": 4}
+SETUPS = {
+    "lcm-sd": ("tiny_sd_path", {"method": {"name": "lcm", "w_min": 1.0, "w_max": 3.0}},
+               {}, {"source": "world", "resolution": 16}),
+    "dmd2-full-sd": ("tiny_sd_path", {}, {"mode": "full"}, None),
+    "dmd2-sd3-eval": ("tiny_sd3_path", EVAL, {"num_steps": 2}, None),
+}
+
+
+def _run_setup(request, name, processes, parallel, tmp):
+    teacher, train, student, data = SETUPS[name]
+    recipe = tiny_recipe(request.getfixturevalue(teacher), tmp / "run", parallel=parallel,
+                         steps=2, checkpoint_every=2, batch_size=4, **train)
+    recipe["student"].update(student)
+    if data:
+        recipe["data"] = data
+    # an evaluation run gets a cache of its own: the teacher's reference samples are then
+    # drawn (and, at 2 processes, shared out) in each run, not read from the other's file
+    env = {**ENV, "DDISTILL_CACHE": str(tmp / "cache")} if "eval_every" in train else None
+    out = _launch(_torchrun(processes), recipe, tmp, name, env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    if processes > 1:
+        assert f"2 processes, train.parallel={parallel}" in out.stdout, out.stdout[-2000:]
+    run = recipe["output"]["dir"]
+    got = {"weights": _weights(run), "logs": _metrics(run), "export": _exported(run)}
+    if "eval_every" in train:
+        got["eval"], got["sampled"] = _eval_rows(run)
+    return got
+
+
+@pytest.fixture(scope="module")
+def reference(request, tmp_path_factory):
+    """The 1-process run of a setup, made once for the module."""
+    made = {}
+
+    def get(name):
+        if name not in made:
+            made[name] = _run_setup(request, name, 1, "auto", tmp_path_factory.mktemp(name))
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("setup,parallel", [("lcm-sd", "fsdp"), ("dmd2-full-sd", "fsdp"),
+                                            ("dmd2-full-sd", "ddp"), ("dmd2-sd3-eval", "fsdp")])
+def test_two_processes_equal_one_for_each_method(request, reference, tmp_path, setup,
+                                                 parallel):
+    """2 processes equal 1 with the same global batch: checkpoint, exported files, every
+    logged loss, and (dmd2-sd3-eval) the in-training evaluation rows, each process having
+    sampled only its share of the prompts."""
+    one = reference(setup)
+    two = _run_setup(request, setup, 2, parallel, tmp_path)
+    _close(one["weights"], two["weights"], "checkpoint")
+    assert one["export"], "nothing was exported"
+    _close(one["export"], two["export"], "export")
+    assert any("lora_" not in k for k in one["weights"]) == ("full" in setup)
+    assert [sorted(r) for r in two["logs"]] == [sorted(r) for r in one["logs"]]
+    for a, b in zip(one["logs"], two["logs"]):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-7)
+    if "eval" in one:
+        assert [r["step"] for r in two["eval"]] == [0, 2]
+        assert one["sampled"] == [[10], [10]] and two["sampled"] == [[6, 4], [6, 4]]
+        for a, b in zip(one["eval"], two["eval"]):
+            a, b = _flat(a), _flat(b)
+            assert sorted(a) == sorted(b)
+            for k in a:
+                assert b[k] == (pytest.approx(a[k], rel=1e-5, abs=1e-7)
+                                if isinstance(a[k], float) else a[k]), k
+
+
+def _flat(row, prefix=""):
+    """A nested eval row as {"kid/mean": ..., "alignment/shares/color/red/got": ...}."""
+    flat = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            flat.update(_flat(v, f"{prefix}{k}/"))
+        else:
+            flat[prefix + k] = v
+    return flat

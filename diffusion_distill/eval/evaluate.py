@@ -39,6 +39,28 @@ def cache_dir(path: str | None = None) -> str:
     return os.path.join(path, "eval")
 
 
+def _cache_file(key: dict, extractor, cache: str | None) -> tuple[str, dict]:
+    full_key = {**key, "feature_space": extractor.name}
+    digest = hashlib.sha256(json.dumps(full_key, sort_keys=True).encode()).hexdigest()[:20]
+    return os.path.join(cache_dir(cache), f"reference-{digest}.safetensors"), full_key
+
+
+def read_cached_features(key: dict, extractor, cache: str | None = None
+                         ) -> torch.Tensor | None:
+    """The features :func:`cached_features` stored under ``key``; None when there are none
+    (or only a truncated file from an interrupted run)."""
+    from safetensors.torch import load_file
+
+    path, _ = _cache_file(key, extractor, cache)
+    if os.path.isfile(path):
+        try:
+            return load_file(path)["features"]
+        # A truncated file from an interrupted run: recompute it.
+        except Exception:  # noqa: BLE001, S110
+            pass
+    return None
+
+
 def cached_features(key: dict, make_images: Callable[[], torch.Tensor], extractor,
                     cache: str | None = None) -> torch.Tensor:
     """Features of a reference set, computed once and then read from disk.
@@ -47,18 +69,12 @@ def cached_features(key: dict, make_images: Callable[[], torch.Tensor], extracto
     space name is added to it, so features at another size or from another network never
     collide. Files are safetensors: loading them cannot run code.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    full_key = {**key, "feature_space": extractor.name}
-    digest = hashlib.sha256(json.dumps(full_key, sort_keys=True).encode()).hexdigest()[:20]
-    folder = cache_dir(cache)
-    path = os.path.join(folder, f"reference-{digest}.safetensors")
-    if os.path.isfile(path):
-        try:
-            return load_file(path)["features"]
-        # A truncated file from an interrupted run: recompute it.
-        except Exception:  # noqa: BLE001, S110
-            pass
+    found = read_cached_features(key, extractor, cache)
+    if found is not None:
+        return found
+    path, full_key = _cache_file(key, extractor, cache)
     feats = extractor.extract(make_images())
     with atomic_path(path) as tmp:  # readers never see half a file
         save_file({"features": feats.contiguous()}, tmp,

@@ -68,8 +68,11 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     if len(real) + len(fake) < real.shape[1]:
         real, fake = _joint_span(real, fake)
     # float64 throughout: the trace-of-sqrt term is a difference of large numbers, and in
-    # float32 it loses the digits that separate close models.
-    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), reset_real_features=True)
+    # float32 it loses the digits that separate close models. No sync: under several
+    # processes torchmetrics would otherwise gather every process's sets (a collective the
+    # others are not in: process 0 alone scores a shared-out evaluation) and mix them.
+    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]),
+                                      reset_real_features=True, sync_on_compute=False)
     metric.set_dtype(torch.float64)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)

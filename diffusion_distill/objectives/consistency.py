@@ -335,7 +335,8 @@ class _ConsistencyDistillation(Objective):
 
     # -- pieces ---------------------------------------------------------------------------
     def sample_w(self, ctx) -> float:
-        return float(self.w_min + (self.w_max - self.w_min) * ctx.rng.rand(1)[0])
+        # one w for the global batch (rand(1) would give each process its own)
+        return self.w_min + (self.w_max - self.w_min) * ctx.rng.uniform()
 
     def metric(self, a, b):
         if self.loss == "l2":
