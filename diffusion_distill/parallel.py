@@ -2,10 +2,12 @@
 
 Only the glue is written here; the engine is torch's:
 
-* :func:`repeated_blocks` names the units FSDP2 gathers one at a time: a UNet's down, mid and
-  up blocks, a transformer's blocks (Flux: its double and single stream blocks; Wan: its
-  ``blocks``). :func:`shard` calls ``fully_shard`` on each of them and then on the root, so at
-  most one block's full weights (plus the root's few loose ones) exist at a time.
+* :func:`shard_units` names the units FSDP2 gathers one at a time: a transformer's blocks
+  (Flux: its double and single stream blocks; Wan: its ``blocks``); inside a UNet's down, mid
+  and up blocks each resnet, each transformer block and each attention's remainder, then the
+  block's remainder (its sampler). :func:`shard` calls ``fully_shard`` on each of them and then
+  on the root, so at most one unit's full weights (plus the root's few loose ones, and the
+  next unit, which FSDP2 prefetches) exist at a time.
 * LoRA roles live inside the sharded modules (peft's ``lora_A``/``lora_B`` are parameters of
   the block they adapt), so a block's all-gather brings every role's adapter with it and a
   role switch (:class:`~diffusion_distill.student.SharedBaseRoles`) only flips peft's flags
@@ -43,6 +45,28 @@ def repeated_blocks(module: nn.Module) -> list[nn.Module]:
     return found
 
 
+def shard_units(module: nn.Module) -> list[nn.Module]:
+    """The modules :func:`shard` gives a ``fully_shard`` each, inner ones before the block
+    that holds them (FSDP2 wants them in that order).
+
+    A transformer's blocks are units as they are. A UNet's down, mid and up blocks are too
+    coarse: one SD1.5 up-block holds about a fifth of the network, and FSDP2 gathers the next
+    unit while one runs, so two processes would not lower the peak. So inside them each
+    resnet is a unit, and in each attention (``Transformer2DModel``) each transformer block
+    and then the attention itself (its projections and norm); the block keeps what is left
+    (its down- or upsampler)."""
+    units = []
+    for block in repeated_blocks(module):
+        inner = list(getattr(block, "resnets", None) or [])
+        for attention in getattr(block, "attentions", None) or []:
+            inner += [*(getattr(attention, "transformer_blocks", None) or []), attention]
+        held = {id(p) for unit in inner for p in unit.parameters()}
+        units += inner
+        if any(id(p) not in held for p in block.parameters()):  # else nothing left to gather
+            units.append(block)
+    return units
+
+
 def shard(module: nn.Module, mesh, param_dtype: torch.dtype | None = None,
           offload: bool = False) -> nn.Module:
     """``fully_shard`` each repeated block of ``module``, then the module itself.
@@ -66,8 +90,8 @@ def shard(module: nn.Module, mesh, param_dtype: torch.dtype | None = None,
         raise ValueError(f"found no repeated blocks ({', '.join(BLOCK_CONTAINERS)}) in "
                          f"{type(module).__name__}; FSDP would gather the whole network at "
                          "once. Use train.parallel=ddp for it.")
-    for block in blocks:
-        fully_shard(block, **kwargs)
+    for unit in shard_units(module):
+        fully_shard(unit, **kwargs)
     fully_shard(module, **kwargs)
     return module
 

@@ -1,12 +1,13 @@
-"""How many all-gathers one DMD2 step does per sharded block (docs/DESIGN.md, "Several
-processes"): counted on FSDP2's own unshard in a one-process gloo group."""
+"""How many all-gathers one DMD2 step does per sharded unit (docs/DESIGN.md, "Several
+processes"): counted on FSDP2's own unshard in a one-process gloo group. The units inside a
+UNet's blocks: each resnet, each transformer block, each attention's and block's remainder."""
 import pytest
 import torch.distributed as dist
 from conftest import tiny_recipe
 from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 
 from diffusion_distill.build import setup_run
-from diffusion_distill.parallel import ShardedRun, repeated_blocks
+from diffusion_distill.parallel import ShardedRun, shard_units
 from diffusion_distill.recipe import load_recipe
 from diffusion_distill.step import build_optimizers, train_step
 
@@ -31,7 +32,11 @@ def test_all_gathers_per_block_of_one_dmd2_step(tiny_sd_path, tmp_path, one_proc
     _, objective, nets = setup_run(recipe, "cpu")
     sharded = ShardedRun(nets, "fsdp", 1, "cpu")
     optimizers = build_optimizers(objective, nets, recipe["train"])
-    blocks = repeated_blocks(nets.roles.backbone)
+    blocks = shard_units(nets.roles.backbone)
+    # every resnet and transformer block is a unit of its own (not its whole down/up block)
+    for name, m in nets.roles.backbone.named_modules():
+        if name.split(".")[-2:-1] in (["resnets"], ["transformer_blocks"]):
+            assert m._get_fsdp_state()._fsdp_param_group is not None, name
     index = {id(b._get_fsdp_state()._fsdp_param_group): i for i, b in enumerate(blocks)}
     counts = [0] * len(blocks)
     original = _fsdp_param_group.FSDPParamGroup.unshard
