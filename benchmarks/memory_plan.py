@@ -8,7 +8,7 @@ a ``Denoiser`` with the family's call function, ``SharedBaseRoles`` / ``Separate
 bytes, no memory, no arithmetic) and runs the loop's own ``step.train_step`` once under
 torch's memory tracker. World size 1 is the single-process run (no sharding; ``MemTracker``);
 world sizes 2 and 8 use a fake process group of that size and FSDP2 ``fully_shard`` on every
-repeated block and the root (``FSDPMemTracker``), which plans rank 0's bytes.
+unit of ``parallel.shard_units`` and the root (``FSDPMemTracker``), which plans rank 0's bytes.
 
 What one cell is:
 
@@ -470,7 +470,8 @@ def main(argv=None):
             out = json.load(f)
     out.update({
         "what": "planned per-GPU peak (tensors) of one training step: FakeTensorMode, fake "
-                "process group, FSDP2 fully_shard per block + root at world > 1, torch's "
+                "process group, FSDP2 fully_shard per parallel.shard_units unit + root at "
+                "world > 1, torch's "
                 "MemTracker / FSDPMemTracker; the toolkit's own roles, objectives and "
                 "train_step",
         **provenance("memory_plan.py", argv), "machine_details": machine(),
