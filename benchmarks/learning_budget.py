@@ -5,10 +5,12 @@ few hundred steps at batch 2 and ask the student's few-step latents to close hal
 energy distance to a reference. This script runs one such budget for any method and reports the
 energy distance before and after, to the VAE-encoded world images (the data: what consistency
 training, ECT, moves toward) and to the teacher's own 50-step CFG-3 latents (what distillation
-moves toward), on 128 world prompts and fixed seeds. Each call adds a row to the JSON.
+moves toward), on 128 world prompts and fixed seeds, and how far the samples moved at all
+(``moved``: the energy distance between the samples before and after). Several step counts are
+scored from one run (the first is the recipe's student.num_steps); each adds a row to the JSON.
 
     python benchmarks/learning_budget.py --method '{"name": "ect", "stage_every": 75}' \\
-        --steps 300 --lr 3e-4 --num-steps 2 --batch 4
+        --steps 300 --lr 3e-4 --num-steps 1 2 --batch 4
 
 Energy distance between flattened latents (world.toy2d.energy_distance); 2 CPU cores.
 """
@@ -39,7 +41,8 @@ def main(argv=None):
     p.add_argument("--method", required=True, help="the recipe's method section, as JSON")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--num-steps", type=int, default=1, help="the student's sampling steps")
+    p.add_argument("--num-steps", type=int, nargs="+", default=[1],
+                   help="the student's sampling step counts to score (the first one trains)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--teacher", default="embedded:sd")
     p.add_argument("--out", default=os.path.join(HERE, "results", "learning_budget.json"))
@@ -51,7 +54,7 @@ def main(argv=None):
                              steps=a.steps, lr=a.lr, checkpoint_every=a.steps,
                              batch_size=a.batch)
         recipe["data"] = {"source": "world", "resolution": 32}
-        recipe["student"]["num_steps"] = a.num_steps
+        recipe["student"]["num_steps"] = a.num_steps[0]
         recipe["output"]["export"] = False
         teacher, objective, initial = setup_run(load_recipe(recipe), "cpu")
         images, captions, _ = ShapesWorld(resolution=32).batch(128, seed=12345)
@@ -65,28 +68,36 @@ def main(argv=None):
                                                   noise=noise[i:i + 32])
                                    for i in range(0, 128, 32)]).flatten(1)
 
-        def distances(nets):
-            x = generate(nets, prompts, objective.sampler(),
-                         torch.Generator().manual_seed(3)).flatten(1)
+        def samples(nets, n):
+            return generate(nets, prompts, objective.sampler(n),
+                            torch.Generator().manual_seed(3)).flatten(1)
+
+        def distances(x):
             return {"data": float(energy_distance(x, data)),
                     "teacher": float(energy_distance(x, reference))}
 
-        before = distances(initial)
+        first = {n: samples(initial, n) for n in a.num_steps}
         t0 = time.perf_counter()
         _, nets = train(load_recipe(recipe), progress=False, return_nets=True)
         seconds = time.perf_counter() - t0
-        after = distances(nets)
-    row = {"method": method, "steps": a.steps, "lr": a.lr, "num_steps": a.num_steps,
-           "batch": a.batch, "teacher": a.teacher, "before": before, "after": after,
-           "ratio": {k: after[k] / before[k] for k in after}, "train_seconds": round(seconds),
-           "teacher_50_step_to_data": float(energy_distance(reference, data)),
-           **provenance("learning_budget.py", argv)}
-    print(json.dumps({k: row[k] for k in ("method", "num_steps", "before", "after", "ratio")}))
+        last = {n: samples(nets, n) for n in a.num_steps}
+    new = []
+    for n in a.num_steps:
+        before, after = distances(first[n]), distances(last[n])
+        new.append({"method": method, "steps": a.steps, "lr": a.lr, "num_steps": n,
+                    "batch": a.batch, "teacher": a.teacher, "before": before, "after": after,
+                    "ratio": {k: after[k] / before[k] for k in after},
+                    "moved": float(energy_distance(first[n], last[n])),
+                    "train_seconds": round(seconds),
+                    "teacher_50_step_to_data": float(energy_distance(reference, data)),
+                    **provenance("learning_budget.py", argv)})
+        print(json.dumps({k: new[-1][k] for k in ("method", "num_steps", "before", "after",
+                                                  "ratio", "moved")}))
     rows = []
     if os.path.isfile(a.out):
         with open(a.out) as f:
             rows = json.load(f).get("rows", [])
-    write_json(a.out, {"what": __doc__.splitlines()[0], "rows": rows + [row]})
+    write_json(a.out, {"what": __doc__.splitlines()[0], "rows": rows + new})
     return 0
 
 
