@@ -93,6 +93,39 @@ def test_ect_moves_toward_the_data(schedule, sample):
         assert after[n] < 0.5 * before[n], (n, before, after)
 
 
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "flow", "sample"])
+def test_native_gain_puts_an_x0_difference_in_the_backbones_own_units(prediction_type):
+    """ECT's ``weighting: native`` divides the pair's x0 difference by this gain. Checked
+    against converting both x0s to the backbone's output at the online point (``from_x0``):
+    catches an inverted gain (alpha / sigma for eps: the top of SD's schedule would weigh
+    1/214 of a unit where it should weigh 214x) and one read at the wrong time."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from diffusion_distill.objectives.common import native_gain
+    from diffusion_distill.parameterization import from_x0
+    from diffusion_distill.schedules import FlowSchedule, VPSchedule
+
+    if prediction_type == "flow":
+        schedule = FlowSchedule()
+    else:
+        schedule = VPSchedule(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                            beta_end=0.012).alphas_cumprod)
+    nets = SimpleNamespace(schedule=schedule, teacher_model=SimpleNamespace(
+        denoiser=SimpleNamespace(prediction_type=prediction_type)))
+    t = torch.tensor([0.05, 0.3, 0.7, 0.999 if prediction_type == "flow" else 1.0])
+    gain = native_gain(nets, t)
+    g = torch.Generator().manual_seed(0)
+    a, b, x_t = (torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    alpha, sigma = schedule.alpha_sigma(t.double())
+    native = (from_x0(a, x_t, alpha, sigma, prediction_type)
+              - from_x0(b, x_t, alpha, sigma, prediction_type)).flatten(1).norm(dim=1)
+    torch.testing.assert_close(native, (a - b).flatten(1).norm(dim=1) / gain)
+    if prediction_type == "epsilon":  # SD's top: x0 moves 14.6x per unit of eps
+        assert 14 < float(gain[-1]) < 15
+
 # -- the pieces against diffusers ---------------------------------------------------------------
 
 def test_grid_and_boundary_condition_are_diffusers():

@@ -70,6 +70,17 @@ def native_mse(nets, pred_x0, target_x0, x_t, t) -> torch.Tensor:
                       from_x0(target_x0, x_t, alpha, sigma, kind))
 
 
+def native_gain(nets, t) -> torch.Tensor:
+    """Per sample, how much the x0 estimate moves per unit of the backbone's own output at
+    ``t``: ``sigma / alpha`` for eps models (14.6 at the top of SD's schedule), ``t`` for
+    flow velocity, 1 for x0 models. A loss on x0 divided by it is in the backbone's units."""
+    alpha, sigma = nets.schedule.alpha_sigma(t)
+    kind = nets.teacher_model.denoiser.prediction_type
+    one = torch.ones(len(t), 1, dtype=torch.float64, device=t.device)
+    per_x0 = from_x0(one, torch.zeros_like(one), alpha.double(), sigma.double(), kind)
+    return 1.0 / per_x0.abs().flatten()
+
+
 def critic_denoising_loss(nets, x0_target, cond, t, ctx, role: str = "critic",
                           guidance: float | None = None) -> torch.Tensor:
     """The critic's denoising loss on (detached) student samples at times ``t``."""

@@ -57,7 +57,15 @@ from ..denoiser import ddim_step
 from ..parameterization import add_noise
 from ..samplers import StudentSampler, vp_timesteps
 from . import Objective, choice, counts, integer, number, recipe_student_steps, table
-from .common import AnyStepCount, MomentumTarget, bcast, edm_sigma, seeded, time_of_edm_sigma
+from .common import (
+    AnyStepCount,
+    MomentumTarget,
+    bcast,
+    edm_sigma,
+    native_gain,
+    seeded,
+    time_of_edm_sigma,
+)
 
 DEFAULT_STEPS = (1, 2, 4, 8)
 
@@ -541,7 +549,7 @@ class PCM(_ConsistencyDistillation):
 
 # -- consistency training from data ----------------------------------------------------------
 
-ECT_WEIGHTINGS = ("snr", "inverse_gap", "uniform")
+ECT_WEIGHTINGS = ("snr", "inverse_gap", "uniform", "native")
 
 class ECT(AnyStepCount, Objective):
     """Easy consistency tuning (teacher-free, from data; the student starts as the teacher).
@@ -558,7 +566,11 @@ class ECT(AnyStepCount, Objective):
             networks, whose error shrinks with the noise: a diffusers backbone's x0), or
             ``inverse_gap`` (ECT's CIFAR ``1 / (s - r)``) or ``uniform`` (for a network whose
             error does not shrink with the noise, e.g. ``x_t + mlp``: there ``snr`` gives
-            Adam's whole step to the smallest noise and the 1-step sample does not train).
+            Adam's whole step to the smallest noise and the 1-step sample does not train),
+            or ``native`` (no weight: each pair's difference in the online backbone's own
+            output units, divided by ``common.native_gain``: ``sigma / alpha`` for eps. ECT's
+            ``snr`` assumes an EDM-preconditioned net whose x0 gain tends to sd; an eps
+            UNet's is 14.6 at the top of SD's schedule, where the 1-step sample is made).
         target: ``student`` (iCT / ECT: the student under no_grad) or ``momentum`` (an EMA of
             the student with ``target_decay``, the CM paper's target network; on the 2-D toy
             the self-target diverges, docs/consistency.md).
@@ -642,6 +654,8 @@ class ECT(AnyStepCount, Objective):
             f_t = nets.student(x_t, t, cond)
         f_r = torch.where(bcast(~boundary, x0), f_r, x0)
         sq = ((f_t.float() - f_r.float()) ** 2).flatten(1).sum(1)
+        if self.weighting == "native":  # the online backbone's own output units
+            sq = sq / native_gain(nets, t).to(sq) ** 2
         c = self.huber_c if self.huber_c is not None else 0.00054 * math.sqrt(x0[0].numel())
         per_sample = torch.sqrt(sq + c * c) - c
         if self.weighting == "snr":
