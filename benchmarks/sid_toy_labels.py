@@ -6,9 +6,12 @@ The teacher is exact and class-conditional: label k in 0..7 is the ring's k-th G
 defined. Student and critic: the toy MLP with a label embedding. Through the public
 ``train()`` (SiD is data-free: the prompts are the labels), logged every 10 steps; the row
 records the largest critic loss, the SiD term's range, the score gap, non-finite counts and
-the step a run stopped at, in ``results/sid_toy_labels.json`` under its label.
+the step a run stopped at, and (for a run that finished) the mean over labels of the energy
+distance of 125 student samples to that label's Gaussian (``energy``), in
+``results/sid_toy_labels.json`` under its label.
 
     python benchmarks/sid_toy_labels.py --schedule flow --guidance 2 --num-steps 4 --seed 0
+    python benchmarks/sid_toy_labels.py --method '{"alpha": 1.2}' --train '{"betas": [0, 0.999]}'
 """
 from __future__ import annotations
 
@@ -58,6 +61,25 @@ def labelled_teacher(schedule):
                                                                for p in prompts]), uncond="")
 
 
+def label_energy(nets, recipe, teacher) -> float:
+    """Mean over the 8 labels of the energy distance of 125 student samples to 125 of that
+    label's Gaussian (a student that ignored its label would be far from each)."""
+    from diffusion_distill.build import setup_run
+    from diffusion_distill.recipe import load_recipe
+    from diffusion_distill.student import generate
+    from diffusion_distill.world.toy2d import energy_distance, ring_means
+
+    objective = setup_run(load_recipe(recipe), "cpu", teacher,
+                          {"student": LabelMLP(), "critic": LabelMLP()})[1]
+    prompts = [str(k) for k in range(8) for _ in range(125)]
+    x = generate(nets, prompts, objective.sampler(), torch.Generator().manual_seed(2), ema=False)
+    g = torch.Generator().manual_seed(1)
+    data = ring_means(8).repeat_interleave(125, 0) + 0.02 ** 0.5 * torch.randn(1000, 2,
+                                                                               generator=g)
+    return sum(float(energy_distance(x[k * 125:(k + 1) * 125].float(),
+                                     data[k * 125:(k + 1) * 125])) for k in range(8)) / 8
+
+
 def main():
     from diffusion_distill.step import NonFiniteLossError
     from diffusion_distill.train import train
@@ -69,6 +91,7 @@ def main():
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", default="{}", help="SiD options (JSON)")
+    p.add_argument("--train", default="{}", help="train options (JSON), e.g. Adam's betas")
     p.add_argument("--out", default=os.path.join(HERE, "results", "sid_toy_labels.json"))
     args = p.parse_args()
     torch.manual_seed(args.seed)
@@ -80,12 +103,13 @@ def main():
                   "data": {"source": "prompts", "prompts": [str(k) for k in range(8)]},
                   "train": {"steps": args.steps, "batch_size": 256, "lr": 1e-3,
                             "ema_decay": None, "device": "cpu", "checkpoint_every": args.steps,
-                            "log_every": 10, "seed": args.seed},
+                            "log_every": 10, "seed": args.seed, **json.loads(args.train)},
                   "output": {"dir": out, "export": False}}
-        stopped = None
+        stopped, energy = None, None
         try:
-            train(recipe, progress=False, teacher=teacher,
-                  networks={"student": LabelMLP(), "critic": LabelMLP()})
+            _, nets = train(recipe, progress=False, teacher=teacher, return_nets=True,
+                            networks={"student": LabelMLP(), "critic": LabelMLP()})
+            energy = label_energy(nets, recipe, teacher)
         except NonFiniteLossError as e:  # the stop is the measurement
             stopped = f"{type(e).__name__}: {str(e)[:200]}"
         with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -94,13 +118,13 @@ def main():
     def values(key):
         return [r[key] for r in rows if key in r]
 
-    row = {"stopped": stopped, "last_step": rows[-1]["step"],
+    row = {"stopped": stopped, "last_step": rows[-1]["step"], "energy": energy,
            "max_critic_loss": max(values("loss/critic")),
            "sid_min": min(values("sid")), "sid_max": max(values("sid")),
            "max_score_gap": max(values("score_gap")),
            "nonfinite": sum(values("nonfinite")) + sum(values("nonfinite_critic"))}
     label = (f"{args.schedule} cfg {args.guidance:g} {args.num_steps} steps seed {args.seed} "
-             f"{args.method}")
+             f"{args.method}" + (f" train {args.train}" if args.train != "{}" else ""))
     results = {}
     if os.path.isfile(args.out):
         with open(args.out) as f:
