@@ -16,6 +16,18 @@ import torch
 from .checkpoint import atomic_file
 
 DEFAULT_RECIPE = "recipes/dmd2_sd3.yaml"  # the embedded teacher that meets the quality bar
+# The demo's own bars (README, Numbers): the student's FD at most 1.2x the teacher's, its
+# alignment at least 0.9x, the whole run (training and both evaluations) within 15 minutes.
+BARS = {"fd_ratio": 1.2, "alignment_ratio": 0.9, "minutes": 15.0}
+
+
+def bar_verdicts(fd_ratio, alignment_ratio, seconds) -> dict:
+    """``{bar: {"value", "bar", "met"}}`` for the demo's three bars (None: not measurable)."""
+    values = {"fd_ratio": (fd_ratio, lambda v, b: v <= b),
+              "alignment_ratio": (alignment_ratio, lambda v, b: v >= b),
+              "minutes": (seconds / 60.0, lambda v, b: v <= b)}
+    return {name: {"value": v, "bar": BARS[name], "met": None if v is None else ok(v, BARS[name])}
+            for name, (v, ok) in values.items()}
 
 
 def run_demo(recipe: str = DEFAULT_RECIPE, overrides=(), num: int = 250, out: str = "runs/demo",
@@ -60,10 +72,11 @@ def run_demo(recipe: str = DEFAULT_RECIPE, overrides=(), num: int = 250, out: st
         "speedup": teacher["seconds_per_image"] / student["seconds_per_image"],
         "nfe_ratio": teacher["nfe"] / student["nfe"],
     }
+    seconds = {"train": trained - started, "total": time.time() - started}
+    bars = bar_verdicts(ratios["fd_ratio"], ratios["alignment_ratio"], seconds["total"])
     summary = {"recipe": recipe, "overrides": list(overrides), "run": run_dir, "export": export,
                "grid": grid, "prompts": protocol.prompts[:8], "teacher": teacher,
-               "student": student, **ratios,
-               "seconds": {"train": trained - started, "total": time.time() - started}}
+               "student": student, **ratios, "seconds": seconds, "bars": bars}
     with atomic_file(os.path.join(out, "demo.json")) as f:
         json.dump(summary, f, indent=2, default=str)
     print(table)
@@ -71,6 +84,15 @@ def run_demo(recipe: str = DEFAULT_RECIPE, overrides=(), num: int = 250, out: st
           f"x{ratios['alignment_ratio']:.2f}, {ratios['speedup']:.1f}x faster per image "
           f"({ratios['nfe_ratio']:.0f}x fewer network evaluations); features: "
           f"{teacher['feature_space']} (not Inception: not comparable to published FIDs)")
+    def verdict(name, text, fmt):
+        b = bars[name]
+        state = "n/a" if b["met"] is None else "met" if b["met"] else "NOT met"
+        return f"{text} {b['bar']:g}{fmt}: {state}" + (
+            "" if b["value"] is None else f" ({b['value']:.2f}{fmt})")
+
+    print("bars: " + "; ".join([
+        verdict("fd_ratio", "FD <=", "x"), verdict("alignment_ratio", "alignment >=", "x"),
+        verdict("minutes", "whole run (install not counted) <=", " min")]))
     print(f"grid: {grid}\nexport: {export} (load with diffusion_distill.load_student)\n"
           f"summary: {os.path.join(out, 'demo.json')}")
     return summary
