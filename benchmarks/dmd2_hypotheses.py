@@ -18,6 +18,10 @@ Round two (issue 27): ``lora_student_full_critic``, ``regression_0.25``, ``lora_
 finished ``full`` run's student exported with ``--lora-rank`` and scored through plain
 diffusers. ``--teacher-few-steps 4`` adds the teacher's own 4-step FD to its 50-step samples.
 
+Since 2026-12-05 ``recipes/dmd2_sd3.yaml`` itself sets ``lora_all_layers``' two keys, so on sd3
+a new ``baseline`` run is that row; the sd3 results in the JSON were made with the recipe before
+(LoRA on the attention and feed-forward projections, no biases).
+
 Writes ``benchmarks/results/dmd2_hypotheses_<teacher>.json`` and a plot beside it. Distances
 are in EfficientNet-Lite0 ImageNet feature space (128 px): NOT Inception FIDs.
 """

@@ -84,7 +84,8 @@ DEFAULTS: dict = {
         "alpha": None,
         "target_modules": None,    # null: attention/feed-forward; "all": every linear and
                                    # convolution layer; or a list of module-name suffixes
-        "lora_bias": False,        # LoRA roles also train a bias per targeted layer
+        "lora_bias": False,        # LoRA roles also train a bias per targeted layer (like
+                                   # rank and target_modules, inert for full roles)
         "num_steps": 1,            # sampling steps of the student (1, 2 or 4 in the papers)
         "timesteps": None,         # explicit student times in [0, 1], highest first
         "init": None,              # an export folder of this teacher to start from (warm
@@ -390,12 +391,6 @@ def validate(recipe: dict):
                           "but it turns a full student into a LoRA and student.mode is "
                           f"{recipe['student']['mode']!r}; remove output.lora_rank, or set "
                           "student.mode=full")
-    student = recipe["student"]
-    if student["lora_bias"] and "lora" not in (student["mode"], recipe["critic"]["mode"]):
-        raise RecipeError("recipe key 'student.lora_bias' is true, but no role is a LoRA "
-                          f"(student.mode {student['mode']!r}, critic.mode "
-                          f"{recipe['critic']['mode']!r}): a full role trains its biases anyway. "
-                          "Remove student.lora_bias, or set student.mode=lora")
     if recipe["data"]["source"] == "folder" and not recipe["data"]["path"]:
         raise RecipeError("recipe key 'data.path' is empty but data.source is 'folder'; set "
                           "data.path=/path/to/images")

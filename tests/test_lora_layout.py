@@ -60,11 +60,13 @@ def test_an_all_layer_lora_with_biases_is_what_plain_diffusers_loads(
     torch.testing.assert_close(loaded, ours, rtol=1e-3, atol=1e-3)
 
 
-def test_lora_bias_without_a_lora_role_is_refused(tiny_sd_path, tmp_path):
+def test_the_layout_keys_are_checked_and_inert_for_full_roles(tiny_sd_path, tmp_path):
+    """Catches: a bad target_modules value accepted silently, and the LoRA layout keys blocking
+    a switch to a full student by override (a recipe that sets them, e.g. dmd2_sd3.yaml, must
+    still take student.mode=full, as rank does)."""
     recipe = tiny_recipe(tiny_sd_path, tmp_path / "run")
-    recipe["student"].update(mode="full", lora_bias=True)
-    with pytest.raises(RecipeError, match="student.lora_bias"):
-        load_recipe(recipe)
-    recipe["student"].update(mode="lora", lora_bias=False, target_modules="every")
+    recipe["student"].update(target_modules="every")
     with pytest.raises(RecipeError, match="student.target_modules"):
         load_recipe(recipe)
+    recipe["student"].update(mode="full", target_modules="all", lora_bias=True)
+    assert load_recipe(recipe)["student"]["lora_bias"] is True
