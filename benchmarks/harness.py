@@ -52,6 +52,17 @@ def write_json(path: str, obj) -> str:
     return path
 
 
+def write_row(path: str, label: str, row: dict) -> str:
+    """Put ``row`` (with its provenance) under ``label`` in the results JSON at ``path``,
+    keeping the rows other commands wrote there; a row of the same label is replaced."""
+    rows = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = json.load(f).get("rows", {})
+    rows[label] = {**row, **provenance()}
+    return write_json(path, {"rows": rows})
+
+
 def eval_rows(run_dir: str) -> list[dict]:
     """A run's in-training evaluation rows (``eval.jsonl``), in step order."""
     path = os.path.join(run_dir, "eval.jsonl")

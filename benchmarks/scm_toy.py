@@ -20,7 +20,7 @@ import os
 import tempfile
 
 import torch
-from harness import HERE, provenance, write_json
+from harness import HERE, write_row
 
 
 def tangent_check(schedule):
@@ -151,12 +151,7 @@ def main():
         label = (f"{args.network} f<={args.max_frequency:g} {args.schedule} {args.method} "
                  f"lr {args.lr:g}" + (f" -> x{args.lr_final:g}" if args.lr_final else ""))
         row = train_run(args)
-    rows = {}
-    if os.path.isfile(args.out):
-        with open(args.out) as f:
-            rows = json.load(f).get("rows", {})
-    rows[label] = {**row, **provenance()}
-    write_json(args.out, {"rows": rows})
+    write_row(args.out, label, row)
     print(label, json.dumps(row))
 
 

@@ -22,7 +22,7 @@ import os
 import tempfile
 
 import torch
-from harness import HERE, provenance, write_json
+from harness import HERE, write_row
 from torch import nn
 
 
@@ -125,12 +125,7 @@ def main():
            "nonfinite": sum(values("nonfinite")) + sum(values("nonfinite_critic"))}
     label = (f"{args.schedule} cfg {args.guidance:g} {args.num_steps} steps seed {args.seed} "
              f"{args.method}" + (f" train {args.train}" if args.train != "{}" else ""))
-    results = {}
-    if os.path.isfile(args.out):
-        with open(args.out) as f:
-            results = json.load(f).get("rows", {})
-    results[label] = {**row, **provenance()}
-    write_json(args.out, {"rows": results})
+    write_row(args.out, label, row)
     print(label, json.dumps(row))
 
 
