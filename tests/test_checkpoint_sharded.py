@@ -82,6 +82,9 @@ def _worker(rank, world, store, run_dir, job):
                        for i, s in opt.state_dict()["state"].items()}
             save_file(full, os.path.join(run_dir, f"loaded{rank}.safetensors"))
             save_file(exp_avg, os.path.join(run_dir, f"loaded_exp_avg{rank}.safetensors"))
+        # both done before either tears gloo down: a process that destroys the group while its
+        # peer still writes can abort the peer ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
