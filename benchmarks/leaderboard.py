@@ -5,7 +5,9 @@ For each embedded teacher: train each method's recipe (a finished run is reused,
 interrupted one resumes), then score the teacher at 50/4/2/1 steps and every student with
 ``ddistill bench`` under one protocol (same prompts, seeds, reference and feature space).
 Writes ``benchmarks/results/leaderboard/<teacher>/`` (the bench output) and
-``benchmarks/results/leaderboard.md`` / ``.json`` (the table the README shows).
+``benchmarks/results/leaderboard.md`` / ``.json`` (the table the README shows). Invocations
+accumulate: rerunning some methods replaces their cells, rows and training curves
+(``leaderboard/<teacher>/curves/<method>.json``) and keeps every other method's.
 
     python benchmarks/leaderboard.py                      # everything, hours on 2 CPU cores
     python benchmarks/leaderboard.py --teachers sd --methods dmd2 --num 500
@@ -44,6 +46,7 @@ TEACHER_GUIDANCE = 5.0
 
 def main(argv=None):
     from diffusion_distill.bench import run_bench
+    from diffusion_distill.bench.run import write_report
     from diffusion_distill.checkpoint import atomic_file
     from diffusion_distill.recipe import load_recipe
     from diffusion_distill.train import train
@@ -60,11 +63,11 @@ def main(argv=None):
                    help="where the training runs go (a finished run there is reused)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--plots-only", action="store_true",
-                   help="only redraw convergence_<teacher>.png from the runs in --runs")
+                   help="only redraw the convergence plots from the stored training curves")
     args = p.parse_args(argv)
     if args.plots_only:
         for t in args.teachers:
-            convergence_plot(t, args.methods, args.runs, args.out)
+            convergence_plot(t, args.methods, args.out)
         return
 
     rows = []
@@ -77,6 +80,7 @@ def main(argv=None):
             recipe = load_recipe(recipe_path, [f"train.eval_every={args.eval_every}"]
                                  + args.overrides + [f"output.dir={run_dir}"])
             train(recipe)
+            save_curve(t, method, run_dir, args.out)
             exports.append({"name": method, "path": os.path.join(run_dir, "export"),
                             **({"steps": STEPS[method]} if method in STEPS else {})})
         spec = {"name": f"leaderboard_{t}", "teacher": f"embedded:{t}",
@@ -84,7 +88,12 @@ def main(argv=None):
                 "exports": exports, "prompts": "single", "num_samples": args.num,
                 "latency": {"batch_sizes": [1, 16], "repeats": 3},
                 "out": os.path.join(args.out, "leaderboard", t)}
+        earlier = os.path.join(spec["out"], "results.json")
+        earlier = _read(earlier) if os.path.isfile(earlier) else None
         summary = run_bench(spec, spec["out"])
+        # run_bench wrote this invocation's cells only: the teacher's folder keeps the others
+        write_report(with_earlier_cells(summary, earlier), spec["out"],
+                     stored_curves(t, list(METHODS), args.out))
         for r in summary["cells"]:
             rows.append({"teacher": t, **{k: r.get(k) for k in (
                 "model", "steps", "guidance", "nfe", "fd", "fd_teacher", "kid", "precision",
@@ -110,31 +119,69 @@ def main(argv=None):
     with atomic_file(os.path.join(args.out, "leaderboard.md")) as f:
         f.write(markdown(info))
     for t in args.teachers:
-        convergence_plot(t, list(METHODS), args.runs, args.out)
+        convergence_plot(t, list(METHODS), args.out)
     print(markdown(info))
 
 
-def convergence_plot(teacher, methods, runs, out):
-    """``leaderboard/convergence_<teacher>.png``: FD, FD to teacher, alignment, recall and the
-    worst class share against training step for every method's run in ``runs`` (each run's
-    ``eval.jsonl``), where the bench's own ``fd_vs_step.png`` has only its invocation's."""
+def _read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _curve_path(out, teacher, method):
+    return os.path.join(out, "leaderboard", teacher, "curves", f"{method}.json")
+
+
+def save_curve(teacher, method, run_dir, out):
+    """The run's in-training evaluation rows (``eval.jsonl``), kept beside the teacher's
+    results: runs live outside the repository, and a plot drawn only from the runs on disk
+    loses every method that was not rerun."""
+    rows = eval_rows(run_dir)
+    if rows:
+        write_json(_curve_path(out, teacher, method), {"run": run_dir, "rows": rows})
+
+
+def stored_curves(teacher, methods, out) -> dict:
+    return {m: _read(p)["rows"] for m in methods
+            if os.path.isfile(p := _curve_path(out, teacher, m))}
+
+
+def with_earlier_cells(summary, earlier):
+    """The teacher's summary with the student cells an earlier invocation scored and this one
+    did not, where both used one protocol (prompts, seeds, samples, feature space): the
+    real-data and teacher cells first (this invocation's), then the methods in table order."""
+    if not earlier or earlier.get("protocol") != summary["protocol"]:
+        return summary
+    fresh = {c["cell"] for c in summary["cells"]}
+    cells = [c for c in earlier["cells"] if c["cell"] not in fresh] + summary["cells"]
+    order = list(METHODS)
+    head = [c for c in summary["cells"] if c["model"] not in order]  # real data, teacher
+    students = sorted((c for c in cells if c["model"] in order),
+                      key=lambda c: order.index(c["model"]))  # stable: steps keep their order
+    exports = {e["name"]: e for e in earlier["spec"]["exports"] + summary["spec"]["exports"]}
+    return {**summary, "spec": {**summary["spec"], "exports": list(exports.values())},
+            "cells": head + students, "complete": all(c.get("complete") for c in head + students)}
+
+
+def convergence_plot(teacher, methods, out):
+    """FD, FD to teacher, alignment, recall and the worst class share against training step
+    for each method's stored curve: ``leaderboard/convergence_<teacher>.png`` when every
+    method has one, else ``convergence_<teacher>_<methods>.png`` (a figure of fewer methods
+    never replaces the full one)."""
     import shutil
     import tempfile
 
     from diffusion_distill.bench.plots import plots
 
-    logs = {}
-    for method in methods:
-        rows = eval_rows(os.path.join(runs, METHODS[method].format(t=teacher)))
-        if rows:
-            logs[method] = rows
+    logs = stored_curves(teacher, methods, out)
     if not logs:
         return None
+    name = "" if set(logs) == set(METHODS) else "_" + "_".join(logs)
     with tempfile.TemporaryDirectory() as tmp:
         written = plots([], tmp, logs, log=lambda *_: None)
         if not written:
             return None
-        target = os.path.join(out, "leaderboard", f"convergence_{teacher}.png")
+        target = os.path.join(out, "leaderboard", f"convergence_{teacher}{name}.png")
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.move(written[0], target)
     print(f"[leaderboard] {target}: training curves of {', '.join(logs)}")

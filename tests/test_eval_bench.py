@@ -145,3 +145,48 @@ def test_training_curves_come_from_run_logs(tmp_path):
     assert list(logs) == ["dmd2"] and [r["step"] for r in logs["dmd2"]] == [100, 200, 300]
     written = plots([], str(tmp_path), logs, log=lambda *_: None)
     assert [p.rsplit("/", 1)[-1] for p in written] == ["fd_vs_step.png"]
+
+
+def test_a_leaderboard_rerun_of_some_methods_keeps_the_others(tmp_path):
+    """benchmarks/leaderboard.py reruns one method at a time: the teacher's aggregate keeps
+    the cells and training curves of every method it did not rerun, replaces the rerun ones,
+    and mixes nothing scored under another protocol. Catches the folder-level results and
+    plots being rewritten with only the last invocation's methods."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import leaderboard
+
+    protocol = {"prompts": "single", "seeds": {"first": 0, "count": 8}}
+
+    def cell(model, steps, fd):
+        return {"cell": f"{model}-steps{steps}", "model": model, "steps": steps, "fd": fd,
+                "complete": True}
+
+    def summary(cells, names, proto=protocol):
+        return {"protocol": proto, "spec": {"exports": [{"name": n, "path": f"/r/{n}"}
+                                                        for n in names]}, "cells": cells}
+
+    earlier = summary([cell("real-data", 0, 0.0), cell("teacher", 50, 1.0), cell("dmd2", 1, 5.0),
+                       cell("ect", 1, 9.0), cell("ect", 2, 8.0), cell("sid", 1, 4.0)],
+                      ["dmd2", "ect", "sid"])
+    now = summary([cell("real-data", 0, 0.1), cell("teacher", 50, 1.1), cell("ect", 1, 3.0),
+                   cell("ect", 2, 2.0)], ["ect"])
+    merged = leaderboard.with_earlier_cells(now, earlier)
+    assert [(c["model"], c["steps"], c["fd"]) for c in merged["cells"]] == [
+        ("real-data", 0, 0.1), ("teacher", 50, 1.1), ("dmd2", 1, 5.0), ("ect", 1, 3.0),
+        ("ect", 2, 2.0), ("sid", 1, 4.0)]
+    assert [e["name"] for e in merged["spec"]["exports"]] == ["dmd2", "ect", "sid"]
+    other = summary(earlier["cells"], ["dmd2"], {**protocol, "seeds": {"first": 0, "count": 4}})
+    assert leaderboard.with_earlier_cells(now, other) is now
+
+    run = tmp_path / "runs" / "ect_sd"
+    run.mkdir(parents=True)
+    (run / "eval.jsonl").write_text(json.dumps({"step": 150, "fd": 3.0}) + "\n")
+    out = str(tmp_path / "results")
+    leaderboard.save_curve("sd", "ect", str(run), out)
+    leaderboard.save_curve("sd", "sid", str(tmp_path / "runs" / "gone"), out)  # no log: none
+    assert leaderboard.stored_curves("sd", list(leaderboard.METHODS), out) == {
+        "ect": [{"step": 150, "fd": 3.0}]}
+    written = leaderboard.convergence_plot("sd", list(leaderboard.METHODS), out)
+    assert written.endswith("convergence_sd_ect.png")  # never the full figure's name

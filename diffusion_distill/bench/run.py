@@ -121,12 +121,20 @@ def run_bench(spec: dict, out: str, cache_dir=None, rerun=False, progress=True,
     summary = {"spec": spec, "protocol": described, "complete": all(r.get("complete")
                                                                     for r in rows),
                "machine": machine(), "cells": rows}
+    write_report(summary, out, run_logs(spec), log)
+    return summary
+
+
+def write_report(summary: dict, out: str, logs: dict | None = None, log=print):
+    """A benchmark's folder-level files from its summary: ``results.json``, ``results.md``,
+    ``overview.png`` and the plots (training curves from ``logs``)."""
+    from ..eval.protocol import write_json
+
     write_json(os.path.join(out, "results.json"), summary)
     with atomic_file(os.path.join(out, "results.md")) as f:
-        f.write(markdown_table(summary, spec["metrics"]))
-    overview(rows, out)
-    plots(rows, out, run_logs(spec), log)
-    return summary
+        f.write(markdown_table(summary, summary["spec"]["metrics"]))
+    overview(summary["cells"], out)
+    plots(summary["cells"], out, logs, log)
 
 
 REAL_SEED_OFFSET = 1_000_000  # real-baseline renders never reuse the reference's seed
