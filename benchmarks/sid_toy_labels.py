@@ -86,15 +86,20 @@ def label_quality(x: torch.Tensor) -> dict:
 PROMPTS = [str(k) for k in range(8) for _ in range(125)]
 
 
-def student_quality(nets, recipe, teacher) -> dict:
-    """:func:`label_quality` of the student's samples with each step count it serves (SiD:
-    its first k steps, k = 1..K)."""
+def run_objective(recipe, teacher):
+    """The run's objective, set up on fresh networks (its sampler, its resolved options)."""
     from diffusion_distill.build import setup_run
     from diffusion_distill.recipe import load_recipe
+
+    return setup_run(load_recipe(recipe), "cpu", teacher,
+                     {"student": LabelMLP(), "critic": LabelMLP()})[1]
+
+
+def student_quality(nets, objective) -> dict:
+    """:func:`label_quality` of the student's samples with each step count it serves (SiD:
+    its first k steps, k = 1..K)."""
     from diffusion_distill.student import generate
 
-    objective = setup_run(load_recipe(recipe), "cpu", teacher,
-                          {"student": LabelMLP(), "critic": LabelMLP()})[1]
     return {k: label_quality(generate(nets, PROMPTS, objective.sampler(k),
                                       torch.Generator().manual_seed(2), ema=False))
             for k in objective.servable_steps()}
@@ -136,7 +141,7 @@ def main():
         try:
             _, nets = train(recipe, progress=False, teacher=teacher, return_nets=True,
                             networks={"student": LabelMLP(), "critic": LabelMLP()})
-            quality = student_quality(nets, recipe, teacher)
+            quality = student_quality(nets, run_objective(recipe, teacher))
         except NonFiniteLossError as e:  # the stop is the measurement
             stopped = f"{type(e).__name__}: {str(e)[:200]}"
         with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -161,8 +166,12 @@ def main():
                                          or r.get("nonfinite_critic") or not all(
                                              math.isfinite(v) for v in r.values()
                                              if isinstance(v, float))), None)}
+    # SiD's re-noising range as resolved on the schedule (rows before it was resolved from
+    # SiD-LSG's noise levels, issue 28, ran 0.02..0.98 on every schedule and have no "t")
+    t_range = getattr(run_objective(recipe, teacher), "t_range", None)
     label = (f"{args.schedule} cfg {args.guidance:g} {args.num_steps} steps seed {args.seed} "
-             f"{args.method}" + (f" train {args.train}" if args.train != "{}" else ""))
+             f"{args.method}" + (f" train {args.train}" if args.train != "{}" else "")
+             + (" t {:.3f}..{:.3f}".format(*t_range) if t_range else ""))
     write_row(args.out, label, row)
     print(label, json.dumps(row))
 

@@ -1,8 +1,9 @@
 """Score identity distillation: SiD, SiD-LSG guidance, few-step SiD, SiDA.
 
 Notation: the student G maps noise to ``x`` (its x0); ``x_t = alpha_t x + sigma_t eps`` with
-t ~ U[t_min, t_max]; the teacher ("real score") predicts ``y_r = f_phi(x_t)`` and the critic
-("fake score", a LoRA adapter trained on the student's own samples) predicts ``y_f``.
+t ~ U[t_min, t_max] (see "The re-noising range" below); the teacher ("real score") predicts
+``y_r = f_phi(x_t)`` and the critic ("fake score", a LoRA adapter trained on the student's own
+samples) predicts ``y_f``.
 
 * SiD (Zhou et al., ICML 2024; mingyuanzhou/SiD, SiD-LSG ``sid_training_loop.py``): one
   iteration first updates the critic with its denoising loss on detached student samples, then
@@ -39,6 +40,17 @@ t ~ U[t_min, t_max]; the teacher ("real score") predicts ``y_r = f_phi(x_t)`` an
   discriminator head (``common.GANHead``) trains with the critic, the student adds
   ``gan_weight * softplus(-logit)`` at its re-noised samples.
 
+The re-noising range. SiD-LSG draws t in DDPM steps 20..980 of SD1.5's scaled-linear
+schedule: noise levels sigma/alpha 0.138..13.0. Unset, ``t_min`` / ``t_max`` are the times at
+which the teacher's own schedule reaches those two noise levels (SD1.5 and its kin: 0.02 and
+0.98; rectified flow: 0.121 and 0.929; DDPM's linear betas: 0.038 and 0.712); a number is a
+time on the schedule's own [0, 1] axis, as given. The same fractions on another schedule
+reach other noise: on flow t = 0.02 is sigma/alpha 0.02, 7x below SiD-LSG's floor, where the
+per-sample normaliser ``mean|x - y_r|`` (about sigma there) divides a critic error that need
+not shrink with the noise (a network without EDM / eps / velocity preconditioning), and on
+DDPM's linear betas t = 0.98 is 130, pure noise for 29% of the draws, where a guided
+teacher's x0 is ``w`` times the label's mean (docs/sid.md, issue 28).
+
 Two departures from the public code, both so that an exported LoRA samples in plain diffusers
 exactly as in training: the student's first input is unit noise evaluated at ``t_init`` (what
 the pipeline and LCMScheduler do), where SiD-LSG feeds ``sigma(t_init) * z``; and the critic
@@ -59,7 +71,7 @@ import torch.nn.functional as F
 from ..denoiser import Cond
 from ..parameterization import from_x0
 from ..samplers import StudentSampler
-from ..schedules import student_timesteps
+from ..schedules import VPSchedule, student_timesteps
 from ..step import NonFiniteLossError
 from . import Objective, Option, integer, number, table, text, time_range_problems
 from .common import (
@@ -68,10 +80,25 @@ from .common import (
     mean_per_sample,
     renoise,
     student_output_at_step,
+    time_of_edm_sigma,
     uniform_t,
 )
 
 GUIDANCE_PRESETS = ("lsg", "zero_cfg", "anti_cfg", "teacher_cfg", "none")
+
+
+def _sid_lsg_noise() -> tuple[float, float]:
+    """sigma/alpha at SiD-LSG's re-noising ends, DDPM steps 20 and 980 (t = 0.02, 0.98 on the
+    toolkit's axis) of SD1.5's scaled-linear schedule (betas 0.00085..0.012, 1000 steps), from
+    the same float32 table diffusers builds, so that on SD1.5 the range is 0.02, 0.98 exactly."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float32) ** 2
+    sd15 = VPSchedule(torch.cumprod(1 - betas, 0))
+    t = torch.tensor([0.02, 0.98], dtype=torch.float64)
+    alpha, sigma = sd15.alpha_sigma(t)
+    return tuple((sigma / alpha).tolist())
+
+
+SID_LSG_NOISE = _sid_lsg_noise()  # (0.138, 13.0)
 
 
 class NonFiniteBatchError(NonFiniteLossError):
@@ -101,7 +128,9 @@ class SiD(Objective):
 
     Args:
         alpha: the SiD loss's alpha (1.0 text-to-image, 1.2 EDM).
-        t_min, t_max: re-noising times for both losses (SiD: steps 20..980 of 1000).
+        t_min, t_max: re-noising times for both losses, on the schedule's own [0, 1] axis
+            (None: where the teacher's schedule reaches SiD-LSG's noise levels, DDPM steps
+            20 and 980 of SD1.5; see the module docstring).
         t_init: the student's (first) generation time in (0, 1], e.g. 0.6256 (= DDPM step
             625 of 0..999, SiD-LSG's SD setting). K-step students then generate at
             ``t_init * (1 - i / K)`` (SiD-LSG's sampler). None: the recipe's student times.
@@ -122,7 +151,7 @@ class SiD(Objective):
     name = "sid"
     roles = ("student", "critic")
     options = table(
-        alpha=number(0), t_min=number(0, 1), t_max=number(0, 1),
+        alpha=number(0), t_min=number(0, 1, none=True), t_max=number(0, 1, none=True),
         t_init=number(0, 1, lo_open=True, none=True),
         guidance=Option(lambda v: v in GUIDANCE_PRESETS if isinstance(v, str) else
                         number(0).test(v),
@@ -139,7 +168,8 @@ class SiD(Objective):
 
     @classmethod
     def plan(cls, o, recipe):
-        yield from time_range_problems(o)
+        if o["t_min"] is not None and o["t_max"] is not None:
+            yield from time_range_problems(o)
         given = recipe["student"].get("timesteps")
         if given and o["t_init"] is not None:
             # t_init spaces the student's times below it: two answers to one question
@@ -150,16 +180,20 @@ class SiD(Objective):
             yield ("kappa3", o["kappa3"], (f"equal to method.kappa2 ({o['kappa2']}): the "
                    "critic's guided x0 in the generator loss is computed once"))
 
-    def __init__(self, alpha: float = 1.0, t_min: float = 0.02, t_max: float = 0.98,
-                 t_init: float | None = None, guidance: str | float = "lsg",
-                 guidance_scale: float | None = None, kappa1: float | None = None,
+    def __init__(self, alpha: float = 1.0, t_min: float | None = None,
+                 t_max: float | None = None, t_init: float | None = None,
+                 guidance: str | float = "lsg", guidance_scale: float | None = None, kappa1: float | None = None,
                  kappa2: float | None = None, kappa3: float | None = None,
                  kappa4: float | None = None, anti_scale: float = -1.0,
                  prompt_drop: float | None = None, critic_steps: int = 1,
                  max_nonfinite_steps: int = 3, student_times: list[float] | None = None,
                  total_steps: int | None = None, student_steps: int = 1):
-        if not 0 <= t_min < t_max <= 1:
-            raise ValueError(f"need 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
+        for name, v in (("t_min", t_min), ("t_max", t_max)):
+            if v is not None and not 0 <= v <= 1:
+                raise ValueError(f"{name} must lie in [0, 1] (a time on the schedule's axis), "
+                                 f"got {v}; or None for SiD-LSG's noise level")
+        if t_min is not None and t_max is not None and not t_min < t_max:
+            raise ValueError(f"need t_min < t_max, got {t_min}, {t_max}")
         if critic_steps < 1:
             raise ValueError(f"critic_steps must be >= 1, got {critic_steps}")
         if max_nonfinite_steps < 1:
@@ -178,6 +212,7 @@ class SiD(Objective):
             raise ValueError(f"prompt_drop must lie in [0, 1), got {prompt_drop}")
         self.alpha = alpha
         self.t_min, self.t_max = t_min, t_max
+        self.t_range: tuple[float, float] | None = None  # resolved on the teacher's schedule
         self.t_init = t_init
         self.guidance, self.guidance_scale = guidance, guidance_scale
         self.anti_scale = anti_scale
@@ -222,8 +257,29 @@ class SiD(Objective):
         times = self.student_times
         return StudentSampler(times[:num_steps or len(times)])
 
+    def resolve_t_range(self, schedule) -> tuple[float, float]:
+        """``(t_min, t_max)`` on ``schedule``: the given times, and for each unset one the time
+        at which the schedule reaches SiD-LSG's noise level (module docstring)."""
+        # rounded: the bisection's last bits are not a time anyone chose (SD1.5: 0.02, 0.98)
+        ends = [v if v is not None else round(float(time_of_edm_sigma(
+                    schedule, torch.tensor(level, dtype=torch.float64), iters=60)), 9)
+                for v, level in zip((self.t_min, self.t_max), SID_LSG_NOISE)]
+        if not ends[0] < ends[1]:
+            raise ValueError(f"method.t_min {ends[0]:.4f} is not below method.t_max "
+                             f"{ends[1]:.4f} on this teacher's schedule (an unset end is where "
+                             "the schedule reaches SiD-LSG's noise level); set both, t_min < "
+                             "t_max")
+        return ends[0], ends[1]
+
+    def setup(self, nets):
+        super().setup(nets)
+        self.t_range = self.resolve_t_range(nets.schedule)
+
     def sample_t(self, ctx, n):
-        return uniform_t(ctx, n, self.t_min, self.t_max)
+        if self.t_range is None:
+            raise RuntimeError("SiD.sample_t before setup(nets): the re-noising range is "
+                               "resolved on the teacher's schedule there")
+        return uniform_t(ctx, n, *self.t_range)
 
     def generate(self, nets, cond, ctx, grad: bool):
         """A sample of the uniform mixture of the student's step outputs (few-step SiD).
@@ -407,7 +463,8 @@ class SiDA(SiD):
 
     def __init__(self, gan_weight: float = 0.01, gan_critic_weight: float = 0.01,
                  gan_feature_module: str | None = None, alpha: float = 1.0,
-                 t_min: float = 0.02, t_max: float = 0.98, t_init: float | None = None,
+                 t_min: float | None = None, t_max: float | None = None,
+                 t_init: float | None = None,
                  guidance: str | float = "lsg", guidance_scale: float | None = None,
                  kappa1: float | None = None, kappa2: float | None = None,
                  kappa3: float | None = None, kappa4: float | None = None,
