@@ -17,6 +17,7 @@ and whether training stayed finite.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import tempfile
@@ -126,7 +127,12 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--out", default=os.path.join(HERE, "results", "toy_every_method.json"))
     args = p.parse_args(argv)
-    info = {**provenance("toy_every_method.py", argv), "rows": []}
+    # rows accumulate across invocations (e.g. one per seed), each keyed by what it ran
+    info = {"rows": []}
+    if os.path.isfile(args.out):
+        with open(args.out) as f:
+            info = json.load(f)
+    run_info = provenance("toy_every_method.py", argv)
     for name in args.methods:
         for kind in args.configs:
             config = (DEFAULTS if kind == "defaults" else TOY).get(name)
@@ -135,10 +141,16 @@ def main(argv=None):
             for schedule in args.schedules:
                 for seed in args.seeds:
                     row = {"config": kind, **run(config, schedule, seed, args.steps,
-                                                   args.batch, args.lr)}
-                    print({k: v for k, v in row.items() if k != "method"}, name, flush=True)
-                    info["rows"].append(row)
+                                                   args.batch, args.lr), "run": run_info}
+                    print({k: v for k, v in row.items() if k not in ("method", "run")}, name,
+                          flush=True)
+                    info["rows"] = [r for r in info["rows"] if _key(r) != _key(row)] + [row]
                     write_json(args.out, info)  # as it goes: a stopped run keeps its rows
+
+
+def _key(row):
+    return (row["config"], row["method"]["name"], row["schedule"], row["seed"],
+            row["train_steps"])
 
 
 if __name__ == "__main__":
