@@ -50,9 +50,9 @@ def _toy(schedule):
             mixture.sample(1000, torch.Generator().manual_seed(1)))
 
 
-def _assert_reaches_data(nets, objective, teacher, data, sample, label):
-    """The student's n-step samples within 8x the 50-step teacher's energy distance to the
-    data, with every mode drawn at least half as often as it should be."""
+def _assert_reaches_data(nets, objective, teacher, data, sample, label, within=8):
+    """The student's n-step samples within ``within`` x the 50-step teacher's energy distance
+    to the data, with every mode drawn at least half as often as it should be."""
     reference = teacher.sample([""] * 1000, steps=50, generator=torch.Generator().manual_seed(2))
     teacher_ed, _ = _score(reference, data)
     for n in sample:
@@ -61,7 +61,7 @@ def _assert_reaches_data(nets, objective, teacher, data, sample, label):
         ed, worst = _score(x, data)
         print(f"\n{label} {n} step(s): energy {ed:.4f} (teacher {teacher_ed:.4f}), "
               f"worst mode share {worst:.2f}")
-        assert ed < 8 * teacher_ed, (n, ed, teacher_ed)
+        assert ed < within * teacher_ed, (n, ed, teacher_ed)
         assert worst > 0.5, (n, worst)
 
 
@@ -90,6 +90,38 @@ def test_consistency_students_reach_the_data_from_the_users_samples(method, sche
                         return_nets=True)
     objective = build_objective(method, student_steps=num_steps)
     _assert_reaches_data(nets, objective, teacher, data, sample, f"{method['name']} {schedule}")
+
+
+@pytest.mark.parametrize("method,schedule,num_steps,steps", [
+    ({"name": "dmd2"}, "flow", 1, 2000),
+    ({"name": "dmd2"}, "vp", 1, 2000),
+    ({"name": "decoupled_dmd"}, "flow", 1, 2000),
+    ({"name": "phased_dmd"}, "vp", 2, 2000),
+    ({"name": "tcd", "gamma": 0.0, **NO_CFG}, "vp", 4, 1000),
+    ({"name": "sid", "guidance": "none"}, "vp", 1, 2000),
+    ({"name": "sida", "guidance": "none", "gan_feature_module": "net.3"}, "vp", 1, 2000),
+], ids=["dmd2-flow", "dmd2-vp", "decoupled-flow", "phased2-vp", "tcd4-vp", "sid-vp", "sida-vp"])
+def test_every_other_method_reaches_the_data_through_train(method, schedule, num_steps, steps):
+    """The DMD and SiD families and TCD through the public ``train(..., data=...)`` at their
+    defaults (no guidance: the toy is unconditional; SiDA's GAN head reads the MLP's last
+    hidden layer), batch 256, lr 1e-3, the toy's plain MLP for every role. Within 10x the
+    50-step teacher's energy distance, every mode drawn. Measured (seed 0, 2,000 steps,
+    ``python benchmarks/toy_every_method.py``, teacher 0.0051): DMD2 0.045 flow / 0.044 VP,
+    Decoupled 0.043, Phased 2-step 0.042, SiD 0.039 VP, SiDA 0.040 VP, TCD 4-step 0.015; the
+    distribution-matching students sit inside the ring (mean radius 1.75 of 2), where the
+    consistency ones reach 0.014-0.02. Catches a method that stops training or loses a mode
+    through ``train()`` with a user's data, and a ``data=`` that breaks a method that does
+    not need it. (SiDA on the flow toy diverges at these rates: docs/sid.md.)"""
+    torch.manual_seed(0)
+    teacher, x0, data = _toy(schedule)
+    objective = build_objective(method, student_steps=num_steps, total_steps=steps)
+    with tempfile.TemporaryDirectory() as out:
+        torch.manual_seed(0)
+        networks = {role: MLPDenoiser() for role in objective.roles}
+        _, nets = train(_recipe(method, out, steps=steps, num_steps=num_steps), progress=False,
+                        teacher=teacher, networks=networks, data=x0, return_nets=True)
+    _assert_reaches_data(nets, objective, teacher, data, (num_steps,),
+                         f"{method['name']} {schedule}", within=10)
 
 
 def test_a_custom_teacher_without_data_is_told_the_python_api():
