@@ -107,7 +107,7 @@ def test_sida_stays_on_the_data_at_the_issues_rate_on_a_flow_teacher(tmp_path):
     It re-noised t in [0.02, 0.98] on flow's own axis, down to sigma/alpha 0.02, 7x below
     SiD-LSG's floor (0.138 = DDPM step 20 on SD1.5), where the per-sample normaliser (about
     sigma) divides the toy critic's error, which does not shrink with the noise. At SiD-LSG's
-    noise levels on this schedule (t 0.121..0.929, the default now) it stays on the data:
+    noise levels on this schedule (t 0.121..0.928, the default now) it stays on the data:
     measured energy 0.017 (seed 1, scratch: 0.043), worst mode share 0.79, largest critic
     loss 1.04.
     Fails on the old fixed fractions (28,619), and with a critic that stops training (the

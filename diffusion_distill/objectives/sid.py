@@ -43,7 +43,7 @@ samples) predicts ``y_f``.
 The re-noising range. SiD-LSG draws t in DDPM steps 20..980 of SD1.5's scaled-linear
 schedule: noise levels sigma/alpha 0.138..13.0. Unset, ``t_min`` / ``t_max`` are the times at
 which the teacher's own schedule reaches those two noise levels (SD1.5 and its kin: 0.02 and
-0.98; rectified flow: 0.121 and 0.929; DDPM's linear betas: 0.038 and 0.712); a number is a
+0.98; rectified flow: 0.121 and 0.928; DDPM's linear betas: 0.038 and 0.711); a number is a
 time on the schedule's own [0, 1] axis, as given. The same fractions on another schedule
 reach other noise: on flow t = 0.02 is sigma/alpha 0.02, 7x below SiD-LSG's floor, where the
 per-sample normaliser ``mean|x - y_r|`` (about sigma there) divides a critic error that need
