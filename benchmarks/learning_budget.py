@@ -6,8 +6,11 @@ energy distance to a reference. This script runs one such budget for any method 
 energy distance before and after, to the VAE-encoded world images (the data: what consistency
 training, ECT, moves toward) and to the teacher's own 50-step CFG-3 latents (what distillation
 moves toward), on 128 world prompts and fixed seeds, and how far the samples moved at all
-(``moved``: the energy distance between the samples before and after). Several step counts are
-scored from one run (the first is the recipe's student.num_steps); each adds a row to the JSON.
+(``moved``: the energy distance between the samples before and after). ``teacher_cfg1`` is the
+teacher's own unguided 50-step latents (what an unguided student of this teacher, e.g. ECT's,
+can reach at best; its distance to the data is ``teacher_50_step_cfg1_to_data``). Several step
+counts are scored from one run (the first is the recipe's student.num_steps); each adds a row
+to the JSON.
 
     python benchmarks/learning_budget.py --method '{"name": "ect", "stage_every": 75}' \\
         --steps 300 --lr 3e-4 --num-steps 1 2 --batch 4
@@ -45,6 +48,8 @@ def main(argv=None):
                    help="the student's sampling step counts to score (the first one trains)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--teacher", default="embedded:sd")
+    p.add_argument("--ema-decay", type=float, default=0.99,
+                   help="train.ema_decay (the samples are the EMA's)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "learning_budget.json"))
     a = p.parse_args(argv)
     method = json.loads(a.method)
@@ -52,7 +57,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         recipe = tiny_recipe(a.teacher, os.path.join(tmp, "run"), method=method,
                              steps=a.steps, lr=a.lr, checkpoint_every=a.steps,
-                             batch_size=a.batch)
+                             batch_size=a.batch, ema_decay=a.ema_decay)
         recipe["data"] = {"source": "world", "resolution": 32}
         recipe["student"]["num_steps"] = a.num_steps[0]
         recipe["output"]["export"] = False
@@ -64,9 +69,9 @@ def main(argv=None):
                               for i in range(0, 128, 32)]).flatten(1)
             noise = torch.randn(128, *teacher.latent_shape,
                                 generator=torch.Generator().manual_seed(7))
-            reference = torch.cat([teacher.sample(prompts[i:i + 32], guidance=3.0,
-                                                  noise=noise[i:i + 32])
-                                   for i in range(0, 128, 32)]).flatten(1)
+            reference, unguided = (
+                torch.cat([teacher.sample(prompts[i:i + 32], guidance=g, noise=noise[i:i + 32])
+                           for i in range(0, 128, 32)]).flatten(1) for g in (3.0, 1.0))
 
         def samples(nets, n):
             return generate(nets, prompts, objective.sampler(n),
@@ -74,7 +79,8 @@ def main(argv=None):
 
         def distances(x):
             return {"data": float(energy_distance(x, data)),
-                    "teacher": float(energy_distance(x, reference))}
+                    "teacher": float(energy_distance(x, reference)),
+                    "teacher_cfg1": float(energy_distance(x, unguided))}
 
         first = {n: samples(initial, n) for n in a.num_steps}
         t0 = time.perf_counter()
@@ -85,11 +91,13 @@ def main(argv=None):
     for n in a.num_steps:
         before, after = distances(first[n]), distances(last[n])
         new.append({"method": method, "steps": a.steps, "lr": a.lr, "num_steps": n,
-                    "batch": a.batch, "teacher": a.teacher, "before": before, "after": after,
+                    "batch": a.batch, "ema_decay": a.ema_decay, "teacher": a.teacher,
+                    "before": before, "after": after,
                     "ratio": {k: after[k] / before[k] for k in after},
                     "moved": float(energy_distance(first[n], last[n])),
                     "train_seconds": round(seconds),
                     "teacher_50_step_to_data": float(energy_distance(reference, data)),
+                    "teacher_50_step_cfg1_to_data": float(energy_distance(unguided, data)),
                     **provenance("learning_budget.py", argv)})
         print(json.dumps({k: new[-1][k] for k in ("method", "num_steps", "before", "after",
                                                   "ratio", "moved")}))

@@ -81,3 +81,52 @@ def _plain_diffusers(export, config, n, prompts, seeds, flow):
     with seeded_global_rng(gens if flow else None):
         return pipe(prompts, generator=gens, output_type="latent",
                     **config["steps"][str(n)]["call"]).images, pipe
+
+
+def few_step_learning(teacher_path, out_dir, method, steps, lr, batch_size, num_steps, target,
+                      n=128):
+    """Train ``method`` on an embedded diffusers teacher (rank-4 LoRA, world images) and score
+    the student's few-step latents before and after, as energy distances to ``target``: the
+    VAE-encoded world images (``"data"``: what consistency training moves toward) or the
+    teacher's own 50-step latents at the recipe's CFG 3 (``"teacher"``: what distillation
+    moves toward), on ``n`` world prompts, fixed noise. Returns ``({steps: (before, after)},
+    floor)``, ``floor`` the teacher's own 50-step latents' distance to the target (unguided,
+    as ECT's student is sampled; 0 for ``"teacher"``): no student of this teacher gets below
+    it, so "the way" is from the start to it."""
+    from conftest import tiny_recipe
+
+    from diffusion_distill.build import setup_run
+    from diffusion_distill.recipe import load_recipe
+    from diffusion_distill.train import train
+    from diffusion_distill.world.data import ShapesWorld
+    from diffusion_distill.world.toy2d import energy_distance
+
+    recipe = tiny_recipe(teacher_path, out_dir, method=method, steps=steps, lr=lr,
+                         checkpoint_every=steps, batch_size=batch_size)
+    recipe["data"] = {"source": "world", "resolution": 32}
+    recipe["student"]["num_steps"] = num_steps[0]
+    recipe["output"]["export"] = False
+    teacher, objective, initial = setup_run(load_recipe(recipe), "cpu")
+    images, captions, _ = ShapesWorld(resolution=32).batch(n, seed=12345)
+    prompts = list(captions)
+    noise = torch.randn(n, *teacher.latent_shape, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        def teacher_latents(guidance):
+            return torch.cat([teacher.sample(prompts[i:i + 32], guidance=guidance,
+                                             noise=noise[i:i + 32])
+                              for i in range(0, n, 32)]).flatten(1)
+
+        if target == "data":
+            reference = torch.cat([teacher.encode_images(images[i:i + 32])
+                                   for i in range(0, n, 32)]).flatten(1)
+            floor = float(energy_distance(teacher_latents(1.0), reference))
+        else:
+            reference, floor = teacher_latents(recipe["teacher"]["guidance"]), 0.0
+
+    def distance(nets, k):
+        x = generate(nets, prompts, objective.sampler(k), torch.Generator().manual_seed(3))
+        return float(energy_distance(x.flatten(1), reference))
+
+    before = {k: distance(initial, k) for k in num_steps}
+    _, nets = train(load_recipe(recipe), progress=False, return_nets=True)
+    return {k: (before[k], distance(nets, k)) for k in num_steps}, floor
