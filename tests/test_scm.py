@@ -188,8 +188,8 @@ def test_one_step_samples_move_toward_the_teacher(schedule):
 def test_one_step_samples_move_toward_the_teachers_on_a_diffusers_teacher(teacher_path, tmp_path):
     """sCD on the embedded teachers (epsilon UNet, flow transformer): 150 steps at batch 4, lr
     2e-3, the 1-step latents go more than half of the way to the teacher's own 50-step CFG-3
-    latents (energy distance), with the recipes' settings (``P_mean: 1.0``, the tangent a
-    central difference over 20 timesteps). Measured: sd 0.746 -> 0.323, sd3 2.098 -> 0.857;
+    latents (energy distance), drawing the top where the 1-step sample is made
+    (``P_mean: 1.0``) with the tangent a central difference over 20 timesteps. Measured: sd 0.746 -> 0.323, sd3 2.098 -> 0.857;
     ~55 s each on one thread (the difference costs two passes, the guided teacher two more).
 
     Catches the exact JVP tangent on the epsilon UNet once the top is drawn (250 steps: 84.5,
