@@ -7,7 +7,7 @@ interrupted one resumes), then score the teacher at 50/4/2/1 steps and every stu
 Writes ``benchmarks/results/leaderboard/<teacher>/`` (the bench output) and
 ``benchmarks/results/leaderboard.md`` / ``.json`` (the table the README shows). Invocations
 accumulate: rerunning some methods replaces their cells, rows and training curves
-(``leaderboard/<teacher>/curves/<method>.json``) and keeps every other method's.
+(``leaderboard/curves/<teacher>/<method>.json``) and keeps every other method's.
 
     python benchmarks/leaderboard.py                      # everything, hours on 2 CPU cores
     python benchmarks/leaderboard.py --teachers sd --methods dmd2 --num 500
@@ -129,7 +129,9 @@ def _read(path):
 
 
 def _curve_path(out, teacher, method):
-    return os.path.join(out, "leaderboard", teacher, "curves", f"{method}.json")
+    # beside the teacher's bench folder, not in it: the bench refuses a new folder that
+    # already holds files it did not write
+    return os.path.join(out, "leaderboard", "curves", teacher, f"{method}.json")
 
 
 def save_curve(teacher, method, run_dir, out):

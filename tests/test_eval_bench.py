@@ -151,7 +151,8 @@ def test_a_leaderboard_rerun_of_some_methods_keeps_the_others(tmp_path):
     """benchmarks/leaderboard.py reruns one method at a time: the teacher's aggregate keeps
     the cells and training curves of every method it did not rerun, replaces the rerun ones,
     and mixes nothing scored under another protocol. Catches the folder-level results and
-    plots being rewritten with only the last invocation's methods."""
+    plots being rewritten with only the last invocation's methods, and curves stored where
+    the bench then refuses its own output folder."""
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
@@ -190,3 +191,8 @@ def test_a_leaderboard_rerun_of_some_methods_keeps_the_others(tmp_path):
         "ect": [{"step": 150, "fd": 3.0}]}
     written = leaderboard.convergence_plot("sd", list(leaderboard.METHODS), out)
     assert written.endswith("convergence_sd_ect.png")  # never the full figure's name
+    # the stored curves leave the teacher's bench folder to the bench, which refuses a new
+    # folder holding files it did not write (a first leaderboard run into a fresh --out)
+    from diffusion_distill.checkpoint import check_output_dir
+
+    check_output_dir(os.path.join(out, "leaderboard", "sd"), ("results.json",), "bench")
