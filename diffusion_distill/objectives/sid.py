@@ -182,9 +182,10 @@ class SiD(Objective):
 
     def __init__(self, alpha: float = 1.0, t_min: float | None = None,
                  t_max: float | None = None, t_init: float | None = None,
-                 guidance: str | float = "lsg", guidance_scale: float | None = None, kappa1: float | None = None,
-                 kappa2: float | None = None, kappa3: float | None = None,
-                 kappa4: float | None = None, anti_scale: float = -1.0,
+                 guidance: str | float = "lsg", guidance_scale: float | None = None,
+                 kappa1: float | None = None, kappa2: float | None = None,
+                 kappa3: float | None = None, kappa4: float | None = None,
+                 anti_scale: float = -1.0,
                  prompt_drop: float | None = None, critic_steps: int = 1,
                  max_nonfinite_steps: int = 3, student_times: list[float] | None = None,
                  total_steps: int | None = None, student_steps: int = 1):
