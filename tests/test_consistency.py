@@ -318,7 +318,6 @@ def test_few_step_samples_move_toward_a_diffusers_teachers_own(method, num_steps
     assert after < 0.5 * before, (before, after)
 
 
-
 @pytest.mark.parametrize("teacher_path,method", [
     ("embedded:sd", {"name": "ect", "stage_every": 300, "weighting": "native"}),
     ("embedded:sd3", {"name": "ect", "stage_every": 300, "weighting": "native", "P_mean": 1.0}),

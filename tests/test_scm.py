@@ -189,8 +189,9 @@ def test_one_step_samples_move_toward_the_teachers_on_a_diffusers_teacher(teache
     """sCD on the embedded teachers (epsilon UNet, flow transformer): 150 steps at batch 4, lr
     2e-3, the 1-step latents go more than half of the way to the teacher's own 50-step CFG-3
     latents (energy distance), drawing the top where the 1-step sample is made
-    (``P_mean: 1.0``) with the tangent a central difference over 20 timesteps. Measured: sd 0.746 -> 0.323, sd3 2.098 -> 0.857;
-    ~55 s each on one thread (the difference costs two passes, the guided teacher two more).
+    (``P_mean: 1.0``) with the tangent a central difference over 20 timesteps. Measured: sd
+    0.746 -> 0.323, sd3 2.098 -> 0.857; ~55 s each on one thread (the difference costs two
+    passes, the guided teacher two more).
 
     Catches the exact JVP tangent on the epsilon UNet once the top is drawn (250 steps: 84.5,
     diverged: it follows the time embedding's wiggle between DDPM timesteps; a 5-timestep
