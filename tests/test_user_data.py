@@ -109,9 +109,10 @@ def test_every_other_method_reaches_the_data_through_train(method, schedule, num
     ``python benchmarks/toy_every_method.py``, teacher 0.0051): DMD2 0.045 flow / 0.044 VP,
     Decoupled 0.043, Phased 2-step 0.042, SiD 0.033 VP, SiDA 0.024 VP, TCD 4-step 0.015 (0.028
     at this test's 1,000 steps); the DMD students step once per ``critic_steps`` (5) and sit
-    inside the ring here (mean radius 1.75 of 2; DMD2 at 8,000 steps: 0.015 / 0.011). Catches a method that stops training or loses
-    a mode through ``train()`` with a user's data, and a ``data=`` that breaks a method that
-    does not need it. (SiDA on the flow toy: tests/test_sid.py.)"""
+    inside the ring here (mean radius 1.75 of 2; DMD2 at 8,000 steps: 0.015 / 0.011).
+    Catches a method that stops training or loses a mode through ``train()`` with a user's
+    data, and a ``data=`` that breaks a method that does not need it. (SiDA on the flow toy:
+    tests/test_sid.py.)"""
     torch.manual_seed(0)
     teacher, x0, data = _toy(schedule)
     objective = build_objective(method, student_steps=num_steps, total_steps=steps)
