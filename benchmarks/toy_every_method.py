@@ -58,7 +58,7 @@ def run(config: dict, schedule: str, seed: int, steps: int, batch: int, lr: floa
     from diffusion_distill.objectives import build_objective
     from diffusion_distill.student import generate
     from diffusion_distill.train import train
-    from diffusion_distill.world.toy2d import MLPDenoiser, energy_distance, ring_means, toy_teacher
+    from diffusion_distill.world.toy2d import MLPDenoiser, energy_distance, mode_shares, toy_teacher
 
     method = dict(config)
     network = method.pop("network", "mlp")
@@ -81,8 +81,7 @@ def run(config: dict, schedule: str, seed: int, steps: int, batch: int, lr: floa
         finite = bool(torch.isfinite(x).all())
         if not finite:
             return math.nan, 0.0, False
-        shares = torch.bincount(torch.cdist(x, ring_means(8)).argmin(1), minlength=8)
-        return energy_distance(x, held_out), float(shares.min() / len(x) * 8), True
+        return energy_distance(x, held_out), float(mode_shares(x).min()), True
 
     reference = teacher.sample([""] * 1000, steps=50, generator=torch.Generator().manual_seed(2))
     teacher_ed = score(reference)[0]

@@ -55,7 +55,7 @@ def run(method, num_steps, schedule, steps, seed, out):
     from diffusion_distill.recipe import load_recipe
     from diffusion_distill.student import generate
     from diffusion_distill.train import train
-    from diffusion_distill.world.toy2d import MLPDenoiser, energy_distance, ring_means, toy_teacher
+    from diffusion_distill.world.toy2d import MLPDenoiser, energy_distance, mode_shares, toy_teacher
 
     torch.manual_seed(seed)
     teacher = toy_teacher(k=8, var=0.02, schedule=schedule)
@@ -75,8 +75,7 @@ def run(method, num_steps, schedule, steps, seed, out):
     _, nets = train(recipe, progress=False, teacher=teacher, networks=networks, return_nets=True)
     x = generate(nets, [""] * 2000, objective.sampler(), torch.Generator().manual_seed(2),
                  ema=False)
-    nearest = torch.cdist(x, ring_means(8)).argmin(1)
-    shares = torch.bincount(nearest, minlength=8).float() / len(x) * 8
+    shares = mode_shares(x)
     return {"energy_distance": round(energy_distance(x, data), 4),
             "worst_mode_share": round(float(shares.min()), 2),
             "mode_shares": [round(float(s), 2) for s in shares]}

@@ -17,7 +17,7 @@ from diffusion_distill.recipe import load_recipe
 from diffusion_distill.step import Randomness
 from diffusion_distill.student import generate
 from diffusion_distill.train import train
-from diffusion_distill.world.toy2d import MLPDenoiser, energy_distance, ring_means, toy_teacher
+from diffusion_distill.world.toy2d import MLPDenoiser, energy_distance, mode_shares, toy_teacher
 
 NO_CFG = {"w_min": 0.0, "w_max": 0.0}  # an unconditional teacher: w = 0, the plain teacher
 
@@ -32,8 +32,7 @@ def _recipe(method, out, steps=2000, num_steps=1):
 
 
 def _score(x, data):
-    shares = torch.bincount(torch.cdist(x, ring_means(8)).argmin(1), minlength=8) / len(x) * 8
-    return energy_distance(x, data), float(shares.min())
+    return energy_distance(x, data), float(mode_shares(x).min())
 
 
 # ECT on a network whose error does not shrink with the noise (the toy's x_t + MLP): the data's

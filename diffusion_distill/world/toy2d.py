@@ -73,6 +73,13 @@ def toy_teacher(k: int = 8, var: float = 0.02, schedule: str = "flow"):
     return custom_teacher(fn, shape=(2,), schedule=schedule, prediction_type="sample")
 
 
+def mode_shares(x: torch.Tensor, k: int = 8) -> torch.Tensor:
+    """The share of samples nearest each of the ring's ``k`` modes, times ``k``: 1 each for an
+    even split, 0 for a lost mode (the worst one, ``.min()``, is the coverage the toy reports)."""
+    nearest = torch.cdist(x, ring_means(k)).argmin(1)
+    return torch.bincount(nearest, minlength=k).float() / len(x) * k
+
+
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """E|X-Y| - (E|X-X'| + E|Y-Y'|)/2: zero iff the two distributions agree."""
     xy = torch.cdist(x, y).mean()
